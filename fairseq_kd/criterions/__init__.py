@@ -1,0 +1,3 @@
+"""Criterions of fairseq-kd."""
+
+from fairseq_kd.criterions import word_kd  # noqa: F401

@@ -1,0 +1,110 @@
+"""The ``translation_kd`` task: fairseq translation plus a frozen teacher."""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from fairseq_kd.checkpoints import load_teacher_ensemble, teacher_log_probs
+
+logger = logging.getLogger(__name__)
+
+TEACHER_KEY = "teacher"
+
+
+@dataclass
+class TranslationKDConfig(TranslationConfig):
+    """Translation options plus where the teacher comes from."""
+
+    teacher_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "teacher checkpoint(s) run live beside the student; several "
+            "separated by ':' form an ensemble whose probabilities are averaged"
+        },
+    )
+
+
+@register_task("translation_kd", dataclass=TranslationKDConfig)
+class TranslationKDTask(TranslationTask):
+    """Translation with a teacher whose distributions ride along in the sample.
+
+    Before each training or validation step, the teacher's float32
+    log-probabilities at temperature 1 are attached to the sample as
+    ``sample["teacher"] = {"lprobs": B x T x S, "indices": B x T x S}``
+    (``indices`` is absent when ``S`` is the whole vocabulary). A criterion
+    such as ``word_kd`` reads them from there, whatever produced them.
+
+    Args:
+        cfg: the task config.
+        src_dict: source dictionary.
+        tgt_dict: target dictionary.
+    """
+
+    cfg: TranslationKDConfig
+
+    def __init__(self, cfg: TranslationKDConfig, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        self.teachers = None  # a plain list: never a submodule of anything
+
+    @property
+    def has_teacher(self):
+        """Whether this task was configured with a teacher."""
+        return bool(self.cfg.teacher_path)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        """Build the student; load the teacher once, unless reloading a model.
+
+        Args:
+            cfg: the model config.
+            from_checkpoint: True when fairseq rebuilds a saved model (for
+                inference): no teacher is loaded then.
+        """
+        model = super().build_model(cfg, from_checkpoint)
+        if self.cfg.teacher_path and not from_checkpoint and self.teachers is None:
+            # building the teacher draws random initial weights: keep the RNG
+            # where the student left it, so seeds reproduce runs without KD
+            with torch.random.fork_rng(devices=[]):
+                self.teachers = load_teacher_ensemble(self.cfg.teacher_path, self)
+        return model
+
+    def _teachers_like(self, model):
+        """Move the teachers to the student's device and floating dtype."""
+        param = next(model.parameters())
+        for teacher in self.teachers:
+            tparam = next(teacher.parameters())
+            if tparam.device != param.device or tparam.dtype != param.dtype:
+                teacher.to(device=param.device, dtype=param.dtype)
+        return self.teachers
+
+    def attach_teacher(self, sample, model):
+        """Add the live teacher's distributions to ``sample`` (in place).
+
+        Args:
+            sample: the mini-batch.
+            model: the student (gives the device and precision).
+        """
+        if self.teachers is None or sample is None or TEACHER_KEY in sample:
+            return sample
+        teachers = self._teachers_like(model)
+        with torch.no_grad():
+            lprobs = teacher_log_probs(teachers, sample["net_input"])  # B x T x V
+        sample[TEACHER_KEY] = {"lprobs": lprobs}
+        return sample
+
+    def train_step(
+        self, sample, model, criterion, optimizer, update_num, ignore_grad=False
+    ):
+        """Attach the teacher's distributions, then train as usual."""
+        self.attach_teacher(sample, model)
+        return super().train_step(
+            sample, model, criterion, optimizer, update_num, ignore_grad
+        )
+
+    def valid_step(self, sample, model, criterion):
+        """Attach the teacher's distributions, then validate as usual."""
+        self.attach_teacher(sample, model)
+        return super().valid_step(sample, model, criterion)

@@ -1,0 +1,251 @@
+"""Unit tests of the word-level KD math on hand-built distributions."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+)
+from fakes import FakeModel, FakeTask, make_dictionary, make_sample
+
+from fairseq_kd.checkpoints import teacher_log_probs
+from fairseq_kd.criterions.word_kd import WordKDCriterion
+from fairseq_kd.losses import forward_kl, restrict_topk, word_kd_divergence
+
+V_WORDS = 12  # + 4 special symbols
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    d = make_dictionary(V_WORDS)
+    V, pad = len(d), d.pad()
+    target = torch.tensor([[5, 6, 7, 2], [8, 9, 2, pad], [10, 2, pad, pad]])
+    student_logits = torch.randn(3, 4, V) * 2
+    teacher_lprobs = torch.log_softmax(torch.randn(3, 4, V) * 3, dim=-1)
+    return d, target, student_logits, teacher_lprobs
+
+
+def np_softmax(x, T=1.0):
+    z = x / T
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def reference_kd(student_logits, teacher_lprobs, target, pad, T, topk):
+    """Independent numpy computation of sum_t KL(q_T || p_T)."""
+    s = student_logits.detach().double().numpy()
+    t = teacher_lprobs.detach().double().numpy()
+    total = 0.0
+    for b in range(s.shape[0]):
+        for i in range(s.shape[1]):
+            if target[b, i] == pad:
+                continue
+            p = np_softmax(s[b, i], T)
+            probs_t1 = np.exp(t[b, i])
+            if topk:
+                keep = np.argsort(-probs_t1, kind="stable")[:topk]
+            else:
+                keep = np.arange(len(probs_t1))
+            # teacher at temperature T restricted to `keep`, renormalised
+            qt = probs_t1[keep] ** (1.0 / T)
+            qt = qt / qt.sum()
+            total += float(np.sum(qt * (np.log(qt) - np.log(p[keep]))))
+    return total
+
+
+def criterion(task, alpha, T=1.0, topk=0, eps=0.0, sentence_avg=False):
+    return WordKDCriterion(
+        task,
+        sentence_avg,
+        eps,
+        kd_alpha=alpha,
+        kd_temperature=T,
+        kd_topk=topk,
+    )
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("topk", [0, 1, 3, 16])
+def test_kd_term_matches_independent_reference(setup, T, topk):
+    d, target, logits, teacher = setup
+    crit = criterion(FakeTask(d), alpha=1.0, T=T, topk=topk)
+    model = FakeModel(logits)
+    sample = make_sample(target, d.pad(), teacher)
+    loss, _, log = crit(model, sample)
+    ref = reference_kd(logits, teacher, target, d.pad(), T, topk)
+    assert float(log["kd_loss"]) == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    # alpha = 1, epsilon = 0: the loss is exactly T^2 times the KL term
+    assert float(loss) == pytest.approx(T * T * ref, rel=1e-5)
+
+
+def test_alpha_zero_equals_label_smoothed_cross_entropy(setup):
+    d, target, logits, teacher = setup
+    for eps in (0.0, 0.1):
+        ls = LabelSmoothedCrossEntropyCriterion(FakeTask(d), False, eps)
+        kd = criterion(FakeTask(d), alpha=0.0, T=2.0, eps=eps)
+        m1, m2 = FakeModel(logits), FakeModel(logits)
+        l1, n1, log1 = ls(m1, make_sample(target, d.pad()))
+        l2, n2, log2 = kd(m2, make_sample(target, d.pad(), teacher))
+        assert torch.equal(l1, l2) and n1 == n2
+        assert torch.equal(log1["nll_loss"], log2["nll_loss"])
+        l1.backward()
+        l2.backward()
+        assert torch.equal(m1.logits.grad, m2.logits.grad)
+        assert log2["kd_loss"] > 0  # still logged, for monitoring
+
+
+def test_mixture_weights(setup):
+    d, target, logits, teacher = setup
+    sample = make_sample(target, d.pad(), teacher)
+    ls = LabelSmoothedCrossEntropyCriterion(FakeTask(d), False, 0.1)
+    ls_loss, _, _ = ls(FakeModel(logits), make_sample(target, d.pad()))
+    loss, _, log = criterion(FakeTask(d), alpha=0.3, T=2.0, eps=0.1)(
+        FakeModel(logits), sample
+    )
+    expected = 0.7 * ls_loss + 0.3 * 4.0 * log["kd_loss"]
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_padding_changes_nothing(setup):
+    d, target, logits, teacher = setup
+    pad = d.pad()
+    crit = criterion(FakeTask(d), alpha=0.5, T=2.0, topk=3, eps=0.1)
+    loss, size, log = crit(FakeModel(logits), make_sample(target, pad, teacher))
+    # two more padded positions holding arbitrary student and teacher values
+    target2 = torch.cat([target, torch.full((3, 2), pad)], dim=1)
+    logits2 = torch.cat([logits, torch.randn(3, 2, logits.size(-1)) * 5], dim=1)
+    teacher2 = torch.cat(
+        [teacher, torch.log_softmax(torch.randn(3, 2, logits.size(-1)), -1)], dim=1
+    )
+    loss2, size2, log2 = crit(FakeModel(logits2), make_sample(target2, pad, teacher2))
+    assert size == size2
+    assert float(loss2) == pytest.approx(float(loss), rel=1e-6)
+    assert float(log2["kd_loss"]) == pytest.approx(float(log["kd_loss"]), rel=1e-6)
+
+
+def test_kl_is_zero_for_identical_distributions(setup):
+    d, target, logits, _ = setup
+    teacher = torch.log_softmax(logits, dim=-1)
+    for T in (1.0, 3.0):
+        crit = criterion(FakeTask(d), alpha=1.0, T=T)
+        _, _, log = crit(FakeModel(logits), make_sample(target, d.pad(), teacher))
+        assert abs(float(log["kd_loss"])) < 1e-5
+
+
+def test_topk_zero_when_student_is_the_restricted_teacher():
+    teacher = torch.log_softmax(torch.randn(5, 9, dtype=torch.double), -1)
+    values, idx = restrict_topk(teacher, None, 3)
+    q = torch.log_softmax(values, -1)
+    student = torch.full_like(teacher, -1e9).scatter(-1, idx, q)
+    assert forward_kl(q, student, idx).abs().max() < 1e-9
+
+
+def test_topk_renormalises_per_position_not_per_batch():
+    # two positions with very different mass in their top-2
+    teacher = torch.log(
+        torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.05, 0.05, 0.1, 0.8]])
+    ).double()
+    values, idx = restrict_topk(teacher, None, 2)
+    q = torch.softmax(values, -1)
+    assert torch.allclose(q.sum(-1), torch.ones(2, dtype=torch.double))
+    assert torch.allclose(q[0], torch.tensor([0.625, 0.375], dtype=torch.double))
+    assert idx[1].tolist() == [3, 2]
+    assert torch.allclose(q[1], torch.tensor([0.8 / 0.9, 0.1 / 0.9]).double())
+
+
+def test_topk_of_a_stored_support_maps_back_to_vocabulary_ids():
+    lprobs = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    indices = torch.tensor([[7, 2, 9]])
+    values, idx = restrict_topk(lprobs, indices, 2)
+    assert idx.tolist() == [[7, 2]]
+    with pytest.raises(ValueError, match="--kd-topk 4"):
+        restrict_topk(lprobs, indices, 4)
+
+
+@pytest.mark.parametrize("T,topk", [(1.0, 0), (2.0, 0), (2.0, 3)])
+def test_gradient_matches_finite_differences(T, topk):
+    torch.manual_seed(1)
+    student = torch.randn(4, 7, dtype=torch.double, requires_grad=True)
+    teacher = torch.log_softmax(torch.randn(4, 7, dtype=torch.double), -1)
+    target = torch.tensor([3, 4, 1, 5])  # position 2 is padding (index 1)
+
+    def f(logits):
+        lp = torch.log_softmax(logits / T, -1)
+        return word_kd_divergence(
+            lp.double(), teacher, target, T, topk=topk, ignore_index=1
+        ).double()
+
+    assert torch.autograd.gradcheck(f, (student,))
+    # and the gradient of KL(q||softmax(z)) wrt z over a full vocabulary is p - q
+    if topk == 0 and T == 1.0:
+        f(student).backward()
+        expected = torch.softmax(student, -1) - teacher.exp()
+        expected[2] = 0
+        assert torch.allclose(student.grad, expected.detach(), atol=1e-10)
+
+
+def test_ensemble_averages_probabilities():
+    torch.manual_seed(2)
+    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    models = [FakeModel(a).eval(), FakeModel(b).eval()]
+    lp = teacher_log_probs(models, {"src_tokens": None})
+    expected = torch.log((torch.softmax(a, -1) + torch.softmax(b, -1)) / 2)
+    assert torch.allclose(lp, expected, atol=1e-6)
+    assert lp.dtype == torch.float32
+
+
+def test_reduce_metrics_kd_loss_in_base_2_per_token(monkeypatch):
+    logged = {}
+    from fairseq.logging import metrics
+
+    def fake_log_scalar(key, value, weight=1, round=None, **kw):
+        logged[key] = value
+
+    monkeypatch.setattr(metrics, "log_scalar", fake_log_scalar)
+    monkeypatch.setattr(metrics, "log_derived", lambda *a, **k: None)
+    logs = [
+        {"loss": 4.0, "nll_loss": 3.0, "kd_loss": 2.0, "ntokens": 4, "sample_size": 4},
+        {"loss": 4.0, "nll_loss": 3.0, "kd_loss": 1.0, "ntokens": 2, "sample_size": 2},
+    ]
+    WordKDCriterion.reduce_metrics(logs)
+    assert logged["kd_loss"] == pytest.approx(3.0 / 6 / math.log(2))
+    assert logged["nll_loss"] == pytest.approx(6.0 / 6 / math.log(2))
+
+
+def test_sentence_avg_sample_size(setup):
+    d, target, logits, teacher = setup
+    crit = criterion(FakeTask(d), alpha=0.5, sentence_avg=True)
+    _, size, _ = crit(FakeModel(logits), make_sample(target, d.pad(), teacher))
+    assert size == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"kd_alpha": -0.1}, "--kd-alpha"),
+        ({"kd_alpha": 1.5}, "--kd-alpha"),
+        ({"kd_temperature": 0.0}, "--kd-temperature"),
+        ({"kd_temperature": -1.0}, "--kd-temperature"),
+        ({"kd_topk": -2}, "--kd-topk"),
+        ({"label_smoothing": 1.0}, "--label-smoothing"),
+    ],
+)
+def test_invalid_options_are_refused(kwargs, message):
+    d = make_dictionary(4)
+    args = {"kd_alpha": 0.5, "kd_temperature": 1.0, "kd_topk": 0}
+    eps = kwargs.pop("label_smoothing", 0.1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        WordKDCriterion(FakeTask(d), False, eps, **args)
+
+
+def test_kd_without_teacher_is_refused():
+    d = make_dictionary(4)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        WordKDCriterion(FakeTask(d, has_teacher=False), False, 0.1, kd_alpha=0.5)
+    # alpha = 0 is plain label-smoothed cross-entropy: no teacher needed
+    WordKDCriterion(FakeTask(d, has_teacher=False), False, 0.1, kd_alpha=0.0)
