@@ -35,7 +35,7 @@ def teacher_dir(data_bin, tmp_path_factory):
         data_bin,
         save,
         ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
-        + ["--save-interval-updates", "150", "--keep-interval-updates", "1"],
+        + ["--save-interval-updates", "150", "--keep-interval-updates", "2"],
         updates=300,
     )
     return save
