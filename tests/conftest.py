@@ -10,9 +10,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import corpus  # noqa: E402
 
+from fairseq_kd import pipeline  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_kd")
-MULTI30K = os.path.join(REPO, "..", "shared", "data", "multi30k")
+MULTI30K = pipeline.default_multi30k_folder(REPO)
 
 
 @pytest.fixture(scope="session")

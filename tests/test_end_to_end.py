@@ -1,0 +1,200 @@
+"""End-to-end tests through fairseq's real entry points on a synthetic corpus."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import USER_DIR
+from corpus import STUDENT_ARCH, json_logs, run, train
+
+pytestmark = pytest.mark.slow
+
+NO_PICKLE_GUARD = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+
+
+def kd_flags(teacher, alpha="0.5", temperature="2", extra=()):
+    return [
+        "--user-dir", USER_DIR, "--task", "translation_kd",
+        "--teacher-path", teacher, "--criterion", "word_kd",
+        "--kd-alpha", alpha, "--kd-temperature", temperature,
+        "--label-smoothing", "0.1",
+    ] + list(extra)  # fmt: skip
+
+
+def logs(proc, kind):
+    return json_logs(proc.stdout + proc.stderr, kind)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_student_trains_logs_kd_loss_and_generates_without_plugin(
+    data_bin, teacher, tmp_path
+):
+    # the teacher lives in a folder that is deleted after training
+    teacher_copy = tmp_path / "gone" / "teacher.pt"
+    teacher_copy.parent.mkdir()
+    shutil.copy(teacher, teacher_copy)
+    save = str(tmp_path / "student")
+    proc = train(
+        data_bin, save, kd_flags(str(teacher_copy)), arch=STUDENT_ARCH, updates=40
+    )
+    inner = logs(proc, "train_inner")
+    assert len(inner) == 40
+    kd = [float(r["kd_loss"]) for r in inner]
+    assert all(k >= 0 for k in kd)
+    assert kd[-1] < kd[0]  # the student moves towards the teacher
+    assert "valid_kd_loss" in logs(proc, "valid")[-1]
+    shutil.rmtree(teacher_copy.parent)
+
+    # the checkpoint holds the student only: a plain fairseq transformer
+    student = os.path.join(save, "checkpoint_last.pt")
+    state = load(student)
+    teacher_state = load(teacher)
+    assert set(state["model"]) == set(teacher_state["model"])  # same architecture
+    shapes = {k: v.shape for k, v in state["model"].items()}
+    assert shapes["encoder.embed_tokens.weight"][1] == 16  # the student's width
+    assert state["criterion"] is None
+
+    # stock fairseq-generate, no --user-dir, teacher files gone
+    gen = run(
+        ["fairseq-generate", data_bin, "--path", student, "--gen-subset", "test"]
+        + ["--beam", "2", "--batch-size", "16", "--cpu"]
+        + ["--required-batch-size-multiple", "1"],
+        env=NO_PICKLE_GUARD,
+    )
+    hyps = [line for line in gen.stdout.splitlines() if line.startswith("H-")]
+    assert len(hyps) == 60
+
+    # with the plugin loaded, torch's weights_only loading works as it is
+    gen = run(
+        ["fairseq-generate", data_bin, "--path", student, "--gen-subset", "test"]
+        + ["--beam", "1", "--batch-size", "64", "--cpu", "--user-dir", USER_DIR]
+        + ["--required-batch-size-multiple", "1"],
+        env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "0"},
+    )
+    assert len([x for x in gen.stdout.splitlines() if x.startswith("H-")]) == 60
+
+
+def test_alpha_zero_reproduces_label_smoothed_cross_entropy(
+    data_bin, teacher, tmp_path
+):
+    common = ["--label-smoothing", "0.1", "--dropout", "0.1"]
+    ls = train(
+        data_bin,
+        str(tmp_path / "ls"),
+        ["--criterion", "label_smoothed_cross_entropy"] + common,
+        arch=STUDENT_ARCH,
+        updates=25,
+    )
+    kd = train(
+        data_bin,
+        str(tmp_path / "kd"),
+        kd_flags(teacher, alpha="0", temperature="2") + ["--dropout", "0.1"],
+        arch=STUDENT_ARCH,
+        updates=25,
+    )
+    for key in ("loss", "nll_loss", "gnorm"):
+        a = [r[key] for r in logs(ls, "train_inner")]
+        b = [r[key] for r in logs(kd, "train_inner")]
+        assert len(a) == 25 and a == b, key
+    ma = load(str(tmp_path / "ls" / "checkpoint_last.pt"))["model"]
+    mb = load(str(tmp_path / "kd" / "checkpoint_last.pt"))["model"]
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_distillation_brings_student_closer_to_teacher(data_bin, teacher, tmp_path):
+    """Same student, same updates: with KD its KL to the teacher is lower."""
+    results = {}
+    for alpha in ("0", "0.9"):
+        proc = train(
+            data_bin,
+            str(tmp_path / alpha),
+            kd_flags(teacher, alpha=alpha, temperature="1"),
+            arch=STUDENT_ARCH,
+            updates=120,
+        )
+        results[alpha] = float(logs(proc, "valid")[-1]["valid_kd_loss"])
+    assert results["0.9"] < 0.8 * results["0"], results
+
+
+def test_ensemble_of_two_teachers(data_bin, teacher, teacher_early, tmp_path):
+    proc = train(
+        data_bin,
+        str(tmp_path / "ens"),
+        kd_flags(f"{teacher}:{teacher_early}", extra=["--kd-topk", "4"]),
+        arch=STUDENT_ARCH,
+        updates=5,
+    )
+    out = proc.stdout + proc.stderr
+    assert out.count("loaded teacher") == 2
+    assert all(float(r["kd_loss"]) > 0 for r in logs(proc, "train_inner"))
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--kd-alpha", "1.5"], "--kd-alpha must be in [0, 1]"),
+        (["--kd-temperature", "0"], "--kd-temperature must be > 0"),
+        (["--kd-topk", "-1"], "--kd-topk must be >= 0"),
+    ],
+)
+def test_bad_options_fail_at_start_up(data_bin, teacher, tmp_path, flags, message):
+    proc = run(
+        ["fairseq-train", data_bin, "--save-dir", str(tmp_path), "--cpu"]
+        + STUDENT_ARCH
+        + ["--optimizer", "adam", "--lr", "0.001", "--max-tokens", "1000"]
+        + kd_flags(teacher)
+        + flags,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "| train_inner |" not in proc.stderr  # nothing trained
+
+
+def test_word_kd_without_teacher_fails_at_start_up(data_bin, tmp_path):
+    proc = run(
+        ["fairseq-train", data_bin, "--save-dir", str(tmp_path), "--cpu"]
+        + STUDENT_ARCH
+        + ["--optimizer", "adam", "--lr", "0.001", "--max-tokens", "1000"]
+        + ["--user-dir", USER_DIR, "--criterion", "word_kd"],
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "needs a teacher" in proc.stderr
+
+
+def test_teacher_with_other_dictionary_is_refused(corpus_text, teacher, tmp_path):
+    from corpus import binarize, write_corpus
+
+    other = write_corpus(str(tmp_path / "text"), sizes=(("train", 50),) * 1)
+    for split in ("valid", "test"):
+        shutil.copy(
+            os.path.join(other, "train.src"), os.path.join(other, f"{split}.src")
+        )
+        shutil.copy(
+            os.path.join(other, "train.tgt"), os.path.join(other, f"{split}.tgt")
+        )
+    # a dictionary with fewer symbols than the teacher's
+    with open(os.path.join(other, "train.src"), "w") as f:
+        f.write("s1 s2\n" * 50)
+    with open(os.path.join(other, "train.tgt"), "w") as f:
+        f.write("t1 t2\n" * 50)
+    data = binarize(other, str(tmp_path / "bin"))
+    proc = run(
+        ["fairseq-train", data, "--save-dir", str(tmp_path / "s"), "--cpu"]
+        + STUDENT_ARCH
+        + ["--optimizer", "adam", "--lr", "0.001", "--max-tokens", "1000"]
+        + kd_flags(teacher),
+        check=False,
+    )
+    assert proc.returncode != 0
+    teacher_size = load(teacher)["model"]["encoder.embed_tokens.weight"].shape[0]
+    with open(os.path.join(data, "dict.src.txt")) as f:
+        ours = 4 + len(f.readlines())
+    assert ours != teacher_size
+    assert f"dictionaries of {teacher_size} (source)" in proc.stderr
+    assert f"this task's dictionaries have {ours} (source)" in proc.stderr
