@@ -1,6 +1,5 @@
 """Shared fixtures: a synthetic corpus, its binarization and a tiny teacher."""
 
-import glob
 import os
 import sys
 
@@ -36,8 +35,7 @@ def teacher_dir(data_bin, tmp_path_factory):
     corpus.train(
         data_bin,
         save,
-        ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
-        + ["--save-interval-updates", "150", "--keep-interval-updates", "2"],
+        ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
         updates=300,
     )
     return save
@@ -50,7 +48,16 @@ def teacher(teacher_dir):
 
 
 @pytest.fixture(scope="session")
-def teacher_early(teacher_dir):
-    """A second, different teacher: the same run after 150 updates."""
-    (path,) = glob.glob(os.path.join(teacher_dir, "checkpoint_*_150.pt"))
+def teacher_early(teacher, tmp_path_factory):
+    """A second, different teacher: the first with noise added to its weights."""
+    import torch
+
+    state = torch.load(teacher, map_location="cpu", weights_only=False)
+    generator = torch.Generator().manual_seed(0)
+    for key, value in state["model"].items():
+        if value.is_floating_point() and value.numel() > 1:
+            noise = torch.randn(value.shape, generator=generator)
+            state["model"][key] = value + 0.3 * value.std() * noise
+    path = str(tmp_path_factory.mktemp("teacher2") / "checkpoint.pt")
+    torch.save(state, path)
     return path

@@ -7,6 +7,13 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from fairseq_kd.checkpoints import load_checkpoint, load_teacher_ensemble
 from fairseq_kd.tasks.translation_kd import TranslationKDConfig, TranslationKDTask
 
+# values fairseq interpolates from the global config when run from its CLIs
+RESOLVED = {
+    "dataset_impl": "mmap",
+    "train_subset": "train",
+    "required_seq_len_multiple": 1,
+}
+
 
 @pytest.fixture(scope="module")
 def model_cfg(teacher):
@@ -14,7 +21,7 @@ def model_cfg(teacher):
 
 
 def kd_task(data_bin, teacher_path):
-    cfg = TranslationKDConfig(data=data_bin, teacher_path=teacher_path)
+    cfg = TranslationKDConfig(data=data_bin, teacher_path=teacher_path, **RESOLVED)
     return TranslationKDTask.setup_task(cfg)
 
 
@@ -34,7 +41,7 @@ def test_teacher_loading_leaves_the_student_initialisation_unchanged(
     student_kd = kd.build_model(model_cfg)
     after_kd = torch.rand(3)
     torch.manual_seed(3)
-    plain = TranslationTask.setup_task(TranslationConfig(data=data_bin))
+    plain = TranslationTask.setup_task(TranslationConfig(data=data_bin, **RESOLVED))
     student = plain.build_model(model_cfg)
     after = torch.rand(3)
     for (name, a), (_, b) in zip(
