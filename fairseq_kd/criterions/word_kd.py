@@ -1,5 +1,6 @@
 """The ``word_kd`` criterion: label-smoothed NLL mixed with word-level KD."""
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -10,10 +11,26 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
 )
+from fairseq.dataclass import ChoiceEnum
+from fairseq.distributed import utils as distributed_utils
 from fairseq.logging import metrics
 
-from fairseq_kd.losses import word_kd_divergence
+from fairseq_kd import compat
+from fairseq_kd.losses import (
+    DIVERGENCE_NAMES,
+    gold_token_nll,
+    history_threshold,
+    push_history,
+    select_above,
+    select_top_fraction,
+    word_kd_divergence,
+)
+from fairseq_kd.schedules import parse_schedule
 from fairseq_kd.tasks.translation_kd import TEACHER_KEY
+
+logger = logging.getLogger(__name__)
+
+SELECTION_NAMES = ("none", "batch", "global")
 
 
 @dataclass
@@ -38,9 +55,66 @@ class WordKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
             "per position (0: the whole vocabulary)"
         },
     )
+    kd_divergence: ChoiceEnum(DIVERGENCE_NAMES) = field(
+        default="forward_kl",
+        metadata={
+            "help": "divergence of the KD term: forward_kl = KL(teacher || student),"
+            " reverse_kl = KL(student || teacher), js = Jensen-Shannon; reverse_kl"
+            " and js renormalise the student over the teacher's (top-k) support"
+        },
+    )
+    kd_selection: ChoiceEnum(SELECTION_NAMES) = field(
+        default="none",
+        metadata={
+            "help": "selective KD (Wang et al., 2021): apply the KD term only to "
+            "the tokens with the highest student cross-entropy; batch = top "
+            "fraction of each batch, global = above a threshold from a queue of "
+            "recent cross-entropies (none: every token)"
+        },
+    )
+    kd_selection_ratio: float = field(
+        default=0.5,
+        metadata={
+            "help": "fraction r in (0, 1] of tokens that get the KD term with "
+            "--kd-selection batch|global (batch: ceil(r * tokens) per batch)"
+        },
+    )
+    kd_selection_queue_size: int = field(
+        default=30000,
+        metadata={
+            "help": "number of recent per-token cross-entropies (all ranks "
+            "together) from which --kd-selection global takes its threshold"
+        },
+    )
+    kd_alpha_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "'constant' (--kd-alpha throughout) or "
+            "'linear:START:END:FROM:TO': START until update FROM, linear to END "
+            "at update TO, END after (replaces --kd-alpha)"
+        },
+    )
+    kd_temperature_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "'constant' (--kd-temperature throughout) or "
+            "'linear:START:END:FROM:TO' (replaces --kd-temperature)"
+        },
+    )
 
 
-def validate_word_kd_options(kd_alpha, kd_temperature, kd_topk, label_smoothing):
+def validate_word_kd_options(
+    kd_alpha,
+    kd_temperature,
+    kd_topk,
+    label_smoothing,
+    kd_divergence="forward_kl",
+    kd_selection="none",
+    kd_selection_ratio=0.5,
+    kd_selection_queue_size=30000,
+    kd_alpha_schedule="constant",
+    kd_temperature_schedule="constant",
+):
     """Raise ``ValueError`` naming the option when a setting is out of range.
 
     Args:
@@ -48,6 +122,15 @@ def validate_word_kd_options(kd_alpha, kd_temperature, kd_topk, label_smoothing)
         kd_temperature: ``--kd-temperature``.
         kd_topk: ``--kd-topk``.
         label_smoothing: ``--label-smoothing``.
+        kd_divergence: ``--kd-divergence``.
+        kd_selection: ``--kd-selection``.
+        kd_selection_ratio: ``--kd-selection-ratio``.
+        kd_selection_queue_size: ``--kd-selection-queue-size``.
+        kd_alpha_schedule: ``--kd-alpha-schedule``.
+        kd_temperature_schedule: ``--kd-temperature-schedule``.
+
+    Returns:
+        ``(alpha_schedule, temperature_schedule)``, parsed.
     """
     if not (0.0 <= kd_alpha <= 1.0) or math.isnan(kd_alpha):
         raise ValueError(f"--kd-alpha must be in [0, 1], got {kd_alpha}")
@@ -57,16 +140,61 @@ def validate_word_kd_options(kd_alpha, kd_temperature, kd_topk, label_smoothing)
         raise ValueError(f"--kd-topk must be >= 0 (0 = full vocabulary), got {kd_topk}")
     if not (0.0 <= label_smoothing < 1.0):
         raise ValueError(f"--label-smoothing must be in [0, 1), got {label_smoothing}")
+    if str(kd_divergence) not in DIVERGENCE_NAMES:
+        raise ValueError(
+            f"--kd-divergence must be one of {', '.join(DIVERGENCE_NAMES)}, "
+            f"got {str(kd_divergence)!r}"
+        )
+    if str(kd_divergence) != "forward_kl" and kd_topk == 1:
+        raise ValueError(
+            f"--kd-divergence {kd_divergence} with --kd-topk 1 compares two point "
+            "masses on the same token: it is always 0 and gives no gradient. Use "
+            "--kd-topk >= 2 (or 0) or --kd-divergence forward_kl"
+        )
+    if str(kd_selection) not in SELECTION_NAMES:
+        raise ValueError(
+            f"--kd-selection must be one of {', '.join(SELECTION_NAMES)}, "
+            f"got {str(kd_selection)!r}"
+        )
+    if not (0.0 < kd_selection_ratio <= 1.0):
+        raise ValueError(
+            f"--kd-selection-ratio must be in (0, 1], got {kd_selection_ratio}"
+        )
+    if kd_selection_queue_size < 1:
+        raise ValueError(
+            f"--kd-selection-queue-size must be >= 1, got {kd_selection_queue_size}"
+        )
+    alpha = parse_schedule(kd_alpha_schedule, kd_alpha, "--kd-alpha-schedule")
+    for value in alpha.values:
+        if not (0.0 <= value <= 1.0):
+            raise ValueError(
+                f"--kd-alpha-schedule {kd_alpha_schedule}: alpha must stay in "
+                f"[0, 1], got {value}"
+            )
+    temperature = parse_schedule(
+        kd_temperature_schedule, kd_temperature, "--kd-temperature-schedule"
+    )
+    for value in temperature.values:
+        if not value > 0 or math.isinf(value):
+            raise ValueError(
+                f"--kd-temperature-schedule {kd_temperature_schedule}: the "
+                f"temperature must stay > 0, got {value}"
+            )
+    return alpha, temperature
 
 
 @register_criterion("word_kd", dataclass=WordKDConfig)
 class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
-    """(1 - a) * label-smoothed NLL + a * T^2 * KL(p_teacher^T || p_student^T).
+    """(1 - a) * label-smoothed NLL + a * T^2 * D(p_teacher^T, p_student^T).
 
     The teacher's distributions come from ``sample["teacher"]``, which the
-    ``translation_kd`` task fills from a live teacher or a top-k store. Both
-    terms are summed over non-padding target tokens and normalised by fairseq
-    (tokens, or sentences with ``--sentence-avg``).
+    ``translation_kd`` task fills from a live teacher or a top-k store. ``D``
+    is the chosen divergence (forward KL by default). The NLL term is summed
+    over non-padding target tokens, the KD term over the selected ones (all
+    of them without ``--kd-selection``); fairseq normalises both (tokens, or
+    sentences with ``--sentence-avg``). ``a`` and ``T`` may follow schedules
+    over the update number, which the ``translation_kd`` task passes in
+    through :meth:`begin_train_step`.
 
     Args:
         task: the task (``translation_kd`` when ``kd_alpha > 0``).
@@ -77,6 +205,12 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         kd_topk: teacher's top-K per position (0: full vocabulary).
         ignore_prefix_size: ignore the first N target tokens.
         report_accuracy: log accuracy.
+        kd_divergence: ``forward_kl``, ``reverse_kl`` or ``js``.
+        kd_selection: ``none``, ``batch`` or ``global``.
+        kd_selection_ratio: fraction of tokens that get the KD term.
+        kd_selection_queue_size: capacity of the global selection queue.
+        kd_alpha_schedule: schedule of ``kd_alpha`` (see :mod:`schedules`).
+        kd_temperature_schedule: schedule of ``kd_temperature``.
     """
 
     def __init__(
@@ -89,6 +223,12 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         kd_topk=0,
         ignore_prefix_size=0,
         report_accuracy=False,
+        kd_divergence="forward_kl",
+        kd_selection="none",
+        kd_selection_ratio=0.5,
+        kd_selection_queue_size=30000,
+        kd_alpha_schedule="constant",
+        kd_temperature_schedule="constant",
     ):
         super().__init__(
             task,
@@ -97,15 +237,90 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             ignore_prefix_size=ignore_prefix_size,
             report_accuracy=report_accuracy,
         )
-        validate_word_kd_options(kd_alpha, kd_temperature, kd_topk, label_smoothing)
-        if kd_alpha > 0 and not getattr(task, "has_teacher", False):
+        self.alpha_schedule, self.temperature_schedule = validate_word_kd_options(
+            kd_alpha,
+            kd_temperature,
+            kd_topk,
+            label_smoothing,
+            kd_divergence,
+            kd_selection,
+            kd_selection_ratio,
+            kd_selection_queue_size,
+            kd_alpha_schedule,
+            kd_temperature_schedule,
+        )
+        max_alpha = max(self.alpha_schedule.values)
+        if max_alpha > 0 and not getattr(task, "has_teacher", False):
             raise ValueError(
-                f"--criterion word_kd with --kd-alpha {kd_alpha} needs a teacher: "
+                f"--criterion word_kd with --kd-alpha {max_alpha} needs a teacher: "
                 "use --task translation_kd with --teacher-path"
             )
-        self.kd_alpha = kd_alpha
-        self.kd_temperature = kd_temperature
         self.kd_topk = kd_topk
+        self.kd_divergence = str(kd_divergence)
+        self.kd_selection = str(kd_selection)
+        self.kd_selection_ratio = kd_selection_ratio
+        self.kd_selection_queue_size = kd_selection_queue_size
+        self.selection_history = None  # global selection: 1-D, oldest first
+        self.push_to_history = True  # False for fairseq's dummy batches
+        self.num_updates = 0
+        # the current values; begin_train_step moves them along the schedules
+        self.kd_alpha = self.alpha_schedule(0)
+        self.kd_temperature = self.temperature_schedule(0)
+        if self.kd_selection != "none" and max_alpha == 0:
+            logger.warning(
+                f"--kd-selection {self.kd_selection} has no effect on the loss with "
+                "--kd-alpha 0 (the KD term is only logged)"
+            )
+        if self.kd_selection == "global" and not compat.restores_task_checkpoint_dict():
+            logger.warning(
+                "this fairseq version does not restore task state when resuming: "
+                "the --kd-selection global queue will start empty after a resume"
+            )
+
+    def begin_train_step(self, update_num, ignore_grad=False):
+        """Prepare a training step (called by the ``translation_kd`` task).
+
+        Args:
+            update_num: number of updates completed before this step.
+            ignore_grad: fairseq's dummy batch (its tokens stay out of the
+                global selection queue).
+        """
+        self.push_to_history = not ignore_grad
+        self.set_num_updates(update_num)
+
+    def set_num_updates(self, num_updates):
+        """Move alpha and T along their schedules and log them.
+
+        Args:
+            num_updates: number of updates completed before the next step.
+        """
+        self.num_updates = num_updates
+        self.kd_alpha = self.alpha_schedule(num_updates)
+        self.kd_temperature = self.temperature_schedule(num_updates)
+        if not self.alpha_schedule.is_constant:
+            metrics.log_scalar("kd_alpha", self.kd_alpha, weight=0, round=4)
+        if not self.temperature_schedule.is_constant:
+            metrics.log_scalar("kd_temperature", self.kd_temperature, weight=0, round=4)
+
+    def checkpoint_state(self):
+        """State to save with each checkpoint (the global selection queue)."""
+        if self.selection_history is None:
+            return {}
+        return {"selection_history": self.selection_history.detach().cpu()}
+
+    def load_checkpoint_state(self, state):
+        """Restore what :meth:`checkpoint_state` returned.
+
+        Args:
+            state: the saved dictionary (may be empty).
+        """
+        history = (state or {}).get("selection_history")
+        if history is not None and self.kd_selection == "global":
+            self.selection_history = history[-self.kd_selection_queue_size :].clone()
+            logger.info(
+                f"restored the --kd-selection global queue "
+                f"({history.numel()} cross-entropies)"
+            )
 
     def forward(self, model, sample, reduce=True):
         """Compute the loss for ``sample``.
@@ -121,16 +336,20 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         net_output = model(**sample["net_input"])
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         teacher = sample.get(TEACHER_KEY)
-        kd_loss = None
+        kd_loss, selection = None, None
         if teacher is not None:
             if self.kd_alpha > 0:
-                kd_loss = self.compute_kd_loss(model, net_output, sample, teacher)
+                kd_loss, selection = self.compute_kd_loss(
+                    model, net_output, sample, teacher
+                )
                 loss = (1.0 - self.kd_alpha) * loss + (
                     self.kd_alpha * self.kd_temperature**2
                 ) * kd_loss
             else:  # logged only: the loss stays exactly label-smoothed CE
                 with torch.no_grad():
-                    kd_loss = self.compute_kd_loss(model, net_output, sample, teacher)
+                    kd_loss, selection = self.compute_kd_loss(
+                        model, net_output, sample, teacher
+                    )
         elif self.kd_alpha > 0:
             raise RuntimeError(
                 "word_kd found no teacher distributions in the sample: "
@@ -148,6 +367,8 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         }
         if kd_loss is not None:
             logging_output["kd_loss"] = kd_loss.data
+        if selection is not None:
+            logging_output["kd_selected"], logging_output["kd_tokens"] = selection
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = utils.item(n_correct.data)
@@ -155,25 +376,39 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         return loss, sample_size, logging_output
 
     def compute_kd_loss(self, model, net_output, sample, teacher):
-        """Sum over non-padding tokens of KL(p_teacher^T || p_student^T).
+        """Sum over the selected tokens of D(p_teacher^T, p_student^T).
 
         Args:
             model: the student.
             net_output: the student's output on ``sample``.
             sample: the mini-batch.
             teacher: ``{"lprobs": B x T x S, "indices": B x T x S (optional)}``.
+
+        Returns:
+            ``(kd_loss, selection)``: the summed divergence, and ``(number of
+            selected tokens, number of candidate tokens)`` with
+            ``--kd-selection`` (None without).
         """
         logits = net_output[0]
+        plain_output = net_output
         if self.kd_temperature != 1.0:
             net_output = (logits / self.kd_temperature,) + tuple(net_output[1:])
         lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
         target = model.get_targets(sample, net_output)  # B x T
+        ce_lprobs = None
+        if self.kd_selection != "none":
+            if self.kd_temperature == 1.0:
+                ce_lprobs = lprobs
+            else:
+                with torch.no_grad():  # B x T x V, at temperature 1
+                    ce_lprobs = model.get_normalized_probs(plain_output, log_probs=True)
         teacher_lprobs = teacher["lprobs"]  # B x T x S
         indices = teacher.get("indices")  # B x T x S or None
         if self.ignore_prefix_size > 0:
             p = self.ignore_prefix_size
             lprobs, target = lprobs[:, p:, :], target[:, p:]
             teacher_lprobs = teacher_lprobs[:, p:, :]
+            ce_lprobs = None if ce_lprobs is None else ce_lprobs[:, p:, :]
             indices = None if indices is None else indices[:, p:, :]
         if teacher_lprobs.shape[:2] != target.shape:
             raise RuntimeError(
@@ -181,25 +416,111 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
                 f"positions but the target has {tuple(target.shape)}"
             )
         support = teacher_lprobs.size(-1)
-        return word_kd_divergence(
+        flat_target = target.reshape(-1)  # N
+        selected, selection = None, None
+        if ce_lprobs is not None:
+            ce = gold_token_nll(
+                ce_lprobs.reshape(-1, ce_lprobs.size(-1)),
+                flat_target,
+                self.padding_idx,
+            )  # N
+            candidates = flat_target.ne(self.padding_idx)  # N
+            selected = self.select_tokens(ce, candidates)
+            selection = (int(selected.sum()), int(candidates.sum()))
+        kd_loss = word_kd_divergence(
             lprobs.reshape(-1, lprobs.size(-1)),
             teacher_lprobs.reshape(-1, support),
-            target.reshape(-1),
+            flat_target,
             temperature=self.kd_temperature,
             teacher_indices=None if indices is None else indices.reshape(-1, support),
             topk=self.kd_topk,
             ignore_index=self.padding_idx,
+            divergence=self.kd_divergence,
+            selected=selected,
         )
+        return kd_loss, selection
+
+    def select_tokens(self, ce, candidates):
+        """Which tokens get the KD term, by the student's cross-entropy.
+
+        ``batch`` keeps the top ``ceil(r * n)`` of this batch's ``n`` tokens.
+        ``global`` first appends this step's cross-entropies (gathered from
+        every data-parallel rank, so the queue is the same everywhere) to the
+        queue when training, then keeps the tokens at or above the queue's
+        threshold (:func:`fairseq_kd.losses.history_threshold`). In evaluation
+        mode the queue is read but not changed.
+
+        Args:
+            ce: per-token student cross-entropy, ``N`` (detached).
+            candidates: non-padding positions, ``N``.
+
+        Returns:
+            A boolean mask, ``N``.
+        """
+        ratio = self.kd_selection_ratio
+        if self.kd_selection == "batch":
+            return select_top_fraction(ce, candidates, ratio)
+        if self.training:
+            values = ce[candidates] if self.push_to_history else ce[:0]
+            values = self.gather_from_ranks(values)
+            if values.numel() > 0:
+                self.selection_history = push_history(
+                    self.selection_history, values, self.kd_selection_queue_size
+                )
+        history = self.selection_history
+        if history is None or history.numel() == 0:
+            history = ce[candidates]  # nothing seen yet: this batch is the history
+            if history.numel() == 0:
+                return candidates
+        threshold = history_threshold(history.to(ce.device), ratio)
+        return select_above(ce, candidates, threshold)
+
+    @staticmethod
+    def gather_from_ranks(values):
+        """Concatenate a 1-D tensor over the data-parallel ranks, in rank order.
+
+        Args:
+            values: this rank's values (any length, also 0).
+        """
+        group = distributed_utils.get_data_parallel_group()
+        world_size = distributed_utils.get_world_size(group)
+        if world_size <= 1:
+            return values
+        count = torch.tensor([values.numel()], device=values.device)
+        counts = [int(c) for c in distributed_utils.all_gather(count, group)]
+        padded = values.new_zeros(max(counts))
+        padded[: values.numel()] = values
+        parts = distributed_utils.all_gather(padded, group)
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
-        """Aggregate logging outputs, adding ``kd_loss`` (base 2, per token)."""
+        """Aggregate logging outputs, adding ``kd_loss`` (base 2, per token).
+
+        With ``--kd-selection``, also the summed counts ``kd_selected`` and
+        ``kd_tokens`` and the derived fraction ``kd_selected_frac``.
+        """
         super().reduce_metrics(logging_outputs)
         if any("kd_loss" in log for log in logging_outputs):
             kd_sum = sum(log.get("kd_loss", 0) for log in logging_outputs)
             ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
             metrics.log_scalar(
                 "kd_loss", kd_sum / max(ntokens, 1) / math.log(2), ntokens, round=3
+            )
+        if any("kd_tokens" in log for log in logging_outputs):
+            tokens = utils.item(sum(log.get("kd_tokens", 0) for log in logging_outputs))
+            selected = utils.item(
+                sum(log.get("kd_selected", 0) for log in logging_outputs)
+            )
+            metrics.log_scalar_sum("kd_selected", selected)
+            metrics.log_scalar_sum("kd_tokens", tokens)
+            metrics.log_derived(
+                "kd_selected_frac",
+                lambda meters: (
+                    round(meters["kd_selected"].sum / meters["kd_tokens"].sum, 4)
+                    if meters["kd_tokens"].sum > 0
+                    else float("nan")
+                ),
             )
 
     @staticmethod

@@ -49,6 +49,7 @@ class TranslationKDTask(TranslationTask):
     def __init__(self, cfg: TranslationKDConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         self.teachers = None  # a plain list: never a submodule of anything
+        self.criterion = None  # set by build_criterion, for checkpoint state
 
     @property
     def has_teacher(self):
@@ -70,6 +71,43 @@ class TranslationKDTask(TranslationTask):
             with torch.random.fork_rng(devices=[]):
                 self.teachers = load_teacher_ensemble(self.cfg.teacher_path, self)
         return model
+
+    def build_criterion(self, cfg, from_checkpoint=False):
+        """Build the criterion and keep a reference for its checkpoint state.
+
+        Args:
+            cfg: the criterion config.
+            from_checkpoint: passed on to fairseq.
+        """
+        if from_checkpoint:
+            criterion = super().build_criterion(cfg, from_checkpoint=True)
+        else:
+            criterion = super().build_criterion(cfg)
+        self.criterion = criterion
+        return criterion
+
+    def get_checkpoint_dict(self):
+        """State fairseq saves in each checkpoint's ``extra_state``.
+
+        fairseq saves a criterion's ``state_dict`` only when it has
+        parameters; a criterion with other state (``word_kd``'s global
+        selection queue) exposes ``checkpoint_state()`` and rides along here.
+        """
+        state = {}
+        if hasattr(self.criterion, "checkpoint_state"):
+            criterion_state = self.criterion.checkpoint_state()
+            if criterion_state:
+                state["criterion"] = criterion_state
+        return {self.__class__.__name__: state} if state else {}
+
+    def set_checkpoint_dict(self, state):
+        """Restore :meth:`get_checkpoint_dict`'s state when fairseq resumes.
+
+        Args:
+            state: the dictionary saved under this task's class name.
+        """
+        if "criterion" in state and hasattr(self.criterion, "load_checkpoint_state"):
+            self.criterion.load_checkpoint_state(state["criterion"])
 
     def _teachers_like(self, model):
         """Move the teachers to the student's device and floating dtype."""
@@ -98,7 +136,14 @@ class TranslationKDTask(TranslationTask):
     def train_step(
         self, sample, model, criterion, optimizer, update_num, ignore_grad=False
     ):
-        """Attach the teacher's distributions, then train as usual."""
+        """Attach the teacher's distributions, then train as usual.
+
+        A criterion with ``begin_train_step(update_num, ignore_grad)`` (such
+        as ``word_kd``, for its schedules) is told the update number first.
+        """
+        begin = getattr(criterion, "begin_train_step", None)
+        if begin is not None:
+            begin(update_num, ignore_grad)
         self.attach_teacher(sample, model)
         return super().train_step(
             sample, model, criterion, optimizer, update_num, ignore_grad
