@@ -215,6 +215,30 @@ def train_command(ctx, data, save_dir, arch, settings, extra):
     )
 
 
+def train_steps(ctx, data, save_dir, arch, settings, extra):
+    """The steps of a training stage: ``fairseq-train`` into ``tmp(save_dir)``.
+
+    Args:
+        ctx: the plan context.
+        data: binarized data folder.
+        save_dir: the stage's output folder.
+        arch: architecture flags.
+        settings: training settings (see :func:`train_command`).
+        extra: criterion/task flags.
+    """
+
+    def steps(tmp):
+        return [
+            Command(
+                train_command(ctx, data, tmp(save_dir), arch, settings, extra),
+                on_output=_save_train_time(tmp(save_dir), settings["updates"]),
+                show=("| train_inner |", "| train |"),
+            )
+        ]
+
+    return steps
+
+
 def generate_command(ctx, checkpoint, split, beam):
     """The ``fairseq-generate`` command that translates and times one split."""
     preset = ctx["preset"]
@@ -664,20 +688,14 @@ def build_plan(ds, args):
             outputs=[teacher_dir],
             inputs=[data_bin],
             params={"arch": preset["teacher_arch"], "train": t_settings, "dev": device},
-            steps=lambda tmp: [
-                Command(
-                    train_command(
-                        ctx,
-                        data_bin,
-                        tmp(teacher_dir),
-                        preset["teacher_arch"],
-                        t_settings,
-                        ["--criterion", "label_smoothed_cross_entropy"],
-                    ),
-                    on_output=_save_train_time(tmp(teacher_dir), t_settings["updates"]),
-                    show=("| train_inner |", "| train |"),
-                )
-            ],
+            steps=train_steps(
+                ctx,
+                data_bin,
+                teacher_dir,
+                preset["teacher_arch"],
+                t_settings,
+                ["--criterion", "label_smoothed_cross_entropy"],
+            ),
             group="teacher",
             resumable=True,
         )
@@ -812,15 +830,7 @@ def build_plan(ds, args):
                     "extra": extra,
                     "dev": device,
                 },
-                steps=lambda tmp, save=save, data_dir=data_dir, extra=extra, settings=settings: [  # noqa: E501
-                    Command(
-                        train_command(
-                            ctx, data_dir, tmp(save), s_arch, settings, extra
-                        ),
-                        on_output=_save_train_time(tmp(save), settings["updates"]),
-                        show=("| train_inner |", "| train |"),
-                    )
-                ],
+                steps=train_steps(ctx, data_dir, save, s_arch, settings, extra),
                 group="students",
                 resumable=True,
             )

@@ -34,10 +34,13 @@ PRESETS = {
     #   topk:ref, topk:seqkd-top, topk:seqkd-bleu (forward)     ~4 min
     #   9 students x 450 updates (+ the live teacher's forward
     #   passes for word-kd-live, ~4 min)                       ~41 min
-    #   translate 10 models x {test, val} x {greedy, beam 5}   ~7 min
-    #   ct2 (convert + translate test) x 10                    ~2.5 min
+    #   translate 10 models x {test, val} x {greedy, beam 5}
+    #   (40 fairseq-generate runs, ~7 s start-up each)         ~8 min
+    #   ct2 (convert + translate test) x 10                    ~2 min
     #   score + table                                          ~0.5 min
     #   total                                                  ~86 min
+    # These are estimates from TOOLCHAIN.md, not yet measured end to end:
+    # after the first full run, adjust the update counts so that it fits.
     "cpu": {
         "vocab": 8000,
         "limits": None,
