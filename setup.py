@@ -35,8 +35,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "black", "isort", "flake8"],
+        "dev": ["pytest", "black", "isort", "flake8", "matplotlib"],
         "ct2": ["ctranslate2>=4.0"],
+        # the benchmark recipes (examples/multi30k ...): the BLEU-vs-speed plot
+        # and CTranslate2 int8 speeds
+        "bench": ["matplotlib", "ctranslate2>=4.0"],
     },
     entry_points={"console_scripts": []},
     classifiers=[

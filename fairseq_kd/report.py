@@ -1,0 +1,412 @@
+"""The results of a distillation recipe: results.json, RESULTS.md and a plot."""
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+
+OUTPUT_FILES = {
+    "markdown": "RESULTS.md",
+    "json": "results.json",
+    "plot": "bleu_vs_speed.png",
+}
+
+READING_START = "<!-- reading:start -->"
+READING_END = "<!-- reading:end -->"
+READING_PLACEHOLDER = (
+    "_Not written yet: two or three sentences reading the table honestly "
+    "(where KD helped, where it did not, what was tried). This section is kept "
+    "when the table is regenerated._"
+)
+
+PACKAGES = (
+    "fairseq-kd",
+    "ve-fairseq",
+    "fairseq-fixed",
+    "fairseq",
+    "torch",
+    "sacrebleu",
+    "sentencepiece",
+    "subword-nmt",
+    "ctranslate2",
+    "numpy",
+)
+
+BEAMS = ("beam1", "beam5")
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment():
+    """Date, machine and package versions, recorded beside the scores."""
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": {
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "gpu": (
+                torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+            ),
+        },
+        "versions": versions,
+    }
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def build_results(scores, meta):
+    """One results dict from the recipe's scores and its description.
+
+    Args:
+        scores: the ``score`` stage's JSON (per-model BLEU/chrF, speeds,
+            parameters, training times; date, machine, versions).
+        meta: the recipe's description (corpus, pair, preset, command, rows,
+            settings, published reference).
+
+    Returns:
+        The dict written to ``results.json``; rows in table order, each with
+        its speed-up relative to the teacher, plus the goals' verdicts.
+    """
+    teacher = scores["models"].get("teacher", {})
+    rows = []
+    for spec in meta["rows"]:
+        m = scores["models"].get(spec["name"])
+        if m is None:
+            continue
+        row = dict(spec)
+        for key in ("params", "train_seconds", "train_updates", "scores", "speed"):
+            row[key] = m.get(key)
+        row["ct2_int8"] = m.get("ct2_int8")
+        row["speedup"] = {}
+        for beam in BEAMS:
+            mine, theirs = _get(m, "speed", "test", beam), _get(
+                teacher, "speed", "test", beam
+            )
+            row["speedup"][beam] = round(mine / theirs, 2) if mine and theirs else None
+        rows.append(row)
+    results = {
+        k: v for k, v in meta.items() if k not in ("rows",)
+    }  # corpus, pair, preset, command, settings, reference...
+    for key in ("date", "machine", "versions", "eval_sets"):
+        if key in scores:
+            results[key] = scores[key]
+    results["signatures"] = {
+        "bleu": scores.get("bleu_signature"),
+        "chrf": scores.get("chrf_signature"),
+    }
+    results["rows"] = rows
+    results["goals"] = check_goals(rows)
+    return results
+
+
+def _bleu(row, split="test", beam="beam5"):
+    return _get(row, "scores", split, beam, "bleu")
+
+
+def check_goals(rows):
+    """The benchmark's goals, each with a verdict and the figures behind it.
+
+    The best students are chosen on the valid set (BLEU, beam 5), never on
+    test. Returns a list of ``{"goal", "met", "detail"}``.
+    """
+    by_name = {r["name"]: r for r in rows}
+    teacher, baseline = by_name.get("teacher"), by_name.get("baseline")
+    students = [r for r in rows if r["name"] != "teacher"]
+    kd = [r for r in students if r["name"] != "baseline"]
+    goals = []
+    if baseline and kd:
+        losers = [r["name"] for r in kd if (_bleu(r) or 0) <= (_bleu(baseline) or 0)]
+        goals.append(
+            {
+                "goal": "every KD student beats the baseline (BLEU, beam 5, test)",
+                "met": not losers,
+                "detail": "all do" if not losers else "not: " + ", ".join(losers),
+            }
+        )
+        best = max(kd, key=lambda r: _bleu(r, "valid") or -1)
+        gain = (_bleu(best) or 0) - (_bleu(baseline) or 0)
+        goals.append(
+            {
+                "goal": "the best KD student (chosen on valid) gains >= +2 BLEU "
+                "(beam 5, test) over the baseline",
+                "met": gain >= 2,
+                "detail": f"{best['name']}: {gain:+.2f}",
+            }
+        )
+    if teacher and students:
+        best = max(students, key=lambda r: _bleu(r, "valid") or -1)
+        ratio = (_bleu(best) or 0) / (_bleu(teacher) or float("inf"))
+        speedup = best["speedup"].get("beam5") or 0
+        goals.append(
+            {
+                "goal": "the best student (chosen on valid) keeps >= 95% of the "
+                "teacher's BLEU and translates >= 3x faster (fairseq, beam 5)",
+                "met": ratio >= 0.95 and speedup >= 3,
+                "detail": f"{best['name']}: {100 * ratio:.1f}% of the teacher's "
+                f"BLEU, {speedup:.2f}x its speed (greedy: "
+                f"{best['speedup'].get('beam1') or 0:.2f}x)",
+            }
+        )
+    return goals
+
+
+def _pair(row, *path, fmt="{:.1f}"):
+    values = [_get(row, *path, beam) for beam in BEAMS]
+    if isinstance(values[0], dict) or isinstance(values[1], dict):
+        values = [v.get("sentences_per_second") if v else None for v in values]
+    return " / ".join("–" if v is None else fmt.format(v) for v in values)
+
+
+def _duration(seconds):
+    if seconds is None:
+        return "–"
+    m = int(round(seconds / 60.0))
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m} min"
+
+
+def markdown_table(results):
+    """The results as one Markdown table (a row per model)."""
+    sets = results.get("eval_sets", {"test": "test", "valid": "valid"})
+    test, valid = sets.get("test", "test"), sets.get("valid", "valid")
+    head = [
+        "model",
+        "params",
+        "train time (updates)",
+        f"BLEU {test} greedy / beam 5",
+        f"chrF {test} greedy / beam 5",
+        f"BLEU {valid} greedy / beam 5",
+        "sent/s greedy / beam 5",
+        "speed-up vs teacher",
+        "CTranslate2 int8 sent/s",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in results["rows"]:
+        bleu = lambda split: " / ".join(  # noqa: E731
+            "–" if v is None else f"{v:.2f}"
+            for v in (_get(r, "scores", split, b, "bleu") for b in BEAMS)
+        )
+        chrf = " / ".join(
+            "–" if v is None else f"{v:.1f}"
+            for v in (_get(r, "scores", "test", b, "chrf") for b in BEAMS)
+        )
+        updates = r.get("train_updates")
+        cells = [
+            r.get("label", r["name"]),
+            f"{r['params'] / 1e6:.1f}M" if r.get("params") else "–",
+            _duration(r.get("train_seconds")) + (f" ({updates})" if updates else ""),
+            bleu("test"),
+            chrf,
+            bleu("valid"),
+            _pair(r, "speed", "test", fmt="{:.0f}"),
+            _pair(r, "speedup", fmt="{:.2f}×"),
+            _pair(r, "ct2_int8", fmt="{:.0f}") if r.get("ct2_int8") else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def extract_reading(markdown):
+    """The hand-written reading kept between the markers of a RESULTS.md."""
+    if not markdown or READING_START not in markdown or READING_END not in markdown:
+        return None
+    inner = markdown.split(READING_START, 1)[1].split(READING_END, 1)[0]
+    return inner.strip() or None
+
+
+def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
+    """The whole RESULTS.md text.
+
+    Args:
+        results: the dict of :func:`build_results`.
+        reading: the hand-written reading to keep (placeholder when None).
+        plot_name: the plot's file name beside RESULTS.md.
+    """
+    sets = results.get("eval_sets", {})
+    machine = results.get("machine", {})
+    settings = results.get("settings", {})
+    versions = ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items())
+    goals = "\n".join(
+        f"- {'met' if g['met'] else '**not met**'}: {g['goal']} ({g['detail']})"
+        for g in results.get("goals", [])
+    )
+    sig = results.get("signatures", {})
+    out = [
+        f"# {results.get('corpus', '')} {results.get('pair', '')}: knowledge "
+        f"distillation, {results.get('preset', '')} preset",
+        "",
+        "Reproduce from scratch (resumes where it stopped):",
+        "",
+        "```bash",
+        results.get("command", ""),
+        "```",
+        "",
+        markdown_table(results),
+        "",
+        f"BLEU and chrF: sacreBLEU on detokenised, cased output against the raw "
+        f"references of {sets.get('test', 'test')} (test) and "
+        f"{sets.get('valid', 'valid')} (valid). Speeds: sentences per second of "
+        f"`fairseq-generate` on the {settings.get('gen_device', 'cpu').upper()}, "
+        f"{sets.get('test', 'test')} (generation time as "
+        f"fairseq reports it, model loading excluded), batch size "
+        f"{settings.get('gen_batch_size', '?')} and at most "
+        f"{settings.get('gen_max_len', 200)} target tokens for every model; "
+        "speed-up = the "
+        "model's speed over the teacher's at the same beam. CTranslate2: the "
+        "same checkpoint converted with `ct2-fairseq-converter --quantization "
+        "int8`, same sentences and batch size. Train time: wall time of "
+        "`fairseq-train` for the number of updates shown. Best models are "
+        "chosen on valid, never on test.",
+        "",
+        f"![BLEU against sentences per second]({plot_name})",
+        "",
+        "## Goals (checked automatically)",
+        "",
+        goals or "- (no goals could be checked)",
+        "",
+        "## Reading",
+        "",
+        READING_START,
+        reading or READING_PLACEHOLDER,
+        READING_END,
+        "",
+        "## Set-up",
+        "",
+        f"- date: {results.get('date', '?')}",
+        f"- machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores "
+        f"({machine.get('torch_threads', '?')} torch threads), "
+        f"{machine.get('platform', '?')}, Python {machine.get('python', '?')}"
+        + (f", GPU {machine['gpu']}" if machine.get("gpu") else ""),
+        f"- packages: {versions or '?'}",
+        f"- sacreBLEU signature: `{sig.get('bleu')}`; chrF: `{sig.get('chrf')}`",
+        f"- subwords: {results.get('subword', '?')}, "
+        f"{settings.get('vocab', '?')} joint",
+        f"- teacher: `{settings.get('teacher_arch', '')}`, "
+        f"{json.dumps(settings.get('teacher_train', {}))}",
+        f"- students (all rows): `{settings.get('student_arch', '')}`, "
+        f"{json.dumps(settings.get('student_train', {}))}"
+        + (
+            f", update overrides {json.dumps(settings['row_updates'])}"
+            if settings.get("row_updates")
+            else ""
+        ),
+        f"- word-KD: alpha {settings.get('kd_alpha', '?')}, temperature "
+        f"{settings.get('kd_temperature', '?')}, teacher top-"
+        f"{settings.get('topk', '?')} (offline store and live alike)",
+    ]
+    if results.get("reference"):
+        out += ["", "## Published numbers to compare with", "", results["reference"]]
+    return "\n".join(out) + "\n"
+
+
+def plot(results, path):
+    """BLEU (test) against sentences/s for every row, greedy and beam 5.
+
+    Args:
+        results: the dict of :func:`build_results`.
+        path: the PNG to write.
+    """
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    markers = {"beam1": "o", "beam5": "s"}
+    for i, row in enumerate(results["rows"]):
+        color = f"C{i % 10}"
+        xs, ys = [], []
+        for beam in BEAMS:
+            x = _get(row, "speed", "test", beam)
+            y = _get(row, "scores", "test", beam, "bleu")
+            if x is None or y is None:
+                continue
+            xs.append(x)
+            ys.append(y)
+            ax.scatter([x], [y], color=color, marker=markers[beam], zorder=3)
+        if xs:
+            ax.plot(xs, ys, color=color, linewidth=1, alpha=0.6)
+            ax.annotate(
+                row.get("label", row["name"]),
+                (xs[-1], ys[-1]),
+                textcoords="offset points",
+                xytext=(5, 3),
+                fontsize=7,
+                color=color,
+            )
+    ax.set_xscale("log")
+    for axis in (ax.xaxis,):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
+    device = results.get("settings", {}).get("gen_device", "cpu").upper()
+    ax.set_xlabel(f"sentences / s (fairseq-generate, {device}, log scale)")
+    ax.set_ylabel(f"BLEU, {results.get('eval_sets', {}).get('test', 'test')}")
+    ax.set_title(
+        f"{results.get('corpus', '')} {results.get('pair', '')}, "
+        f"{results.get('preset', '')} preset: circles greedy, squares beam 5",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def write_results(scores, meta, paths, existing_md=None):
+    """Write results.json, RESULTS.md and the plot.
+
+    Args:
+        scores: the ``score`` stage's JSON.
+        meta: the recipe's description.
+        paths: ``{"json", "markdown", "plot"}`` -> where to write each.
+        existing_md: a RESULTS.md whose hand-written reading is kept.
+    """
+    results = build_results(scores, meta)
+    reading = None
+    if existing_md and os.path.exists(existing_md):
+        reading = extract_reading(open(existing_md, encoding="utf-8").read())
+    for path in paths.values():
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(paths["json"], "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+        f.write("\n")
+    with open(paths["markdown"], "w", encoding="utf-8") as f:
+        f.write(
+            render_markdown(
+                results,
+                reading,
+                os.path.basename(paths["plot"]).replace(".partial", ""),
+            )
+        )
+    plot(results, paths["plot"])
+    return results
