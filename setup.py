@@ -35,10 +35,12 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "black", "isort", "flake8"],
+        "dev": ["pytest", "black", "isort", "flake8", "ctranslate2>=4.0"],
         "ct2": ["ctranslate2>=4.0"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": ["fairseq-kd-distill = fairseq_kd.distill:cli_main"]
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: MIT License",
