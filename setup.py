@@ -35,13 +35,15 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "black", "isort", "flake8", "matplotlib"],
+        "dev": ["pytest", "black", "isort", "flake8", "matplotlib", "ctranslate2>=4.0"],
         "ct2": ["ctranslate2>=4.0"],
         # the benchmark recipes (examples/multi30k ...): the BLEU-vs-speed plot
         # and CTranslate2 int8 speeds
         "bench": ["matplotlib", "ctranslate2>=4.0"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": ["fairseq-kd-distill = fairseq_kd.distill:cli_main"]
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: MIT License",

@@ -1,0 +1,151 @@
+"""Translating with CTranslate2: a converted copy of a fairseq teacher."""
+
+import logging
+import os
+import shutil
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from fairseq_kd.seqkd.parts import DistillError
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIR = "ct2-model"
+
+
+def convert_teacher(checkpoint: str, data_dir: str, src: str, tgt: str, work_dir: str):
+    """Convert a fairseq checkpoint to CTranslate2 once; reuse the cached copy.
+
+    The conversion runs ``ctranslate2``'s fairseq converter (what
+    ``ct2-fairseq-converter --unsafe_deserialization`` runs) into a temporary
+    folder that is renamed into ``<work_dir>/ct2-model`` when complete. The
+    work folder's recorded settings (teacher path, size, time) make sure the
+    cache belongs to this teacher.
+
+    Args:
+        checkpoint: the fairseq checkpoint (trusted: it is unpickled).
+        data_dir: folder with ``dict.<src>.txt`` and ``dict.<tgt>.txt``.
+        src: source language.
+        tgt: target language.
+        work_dir: the run's work folder.
+
+    Returns:
+        The converted model's folder.
+    """
+    from ctranslate2.converters.fairseq import FairseqConverter
+
+    out = os.path.join(work_dir, MODEL_DIR)
+    if os.path.isfile(os.path.join(out, "model.bin")):
+        logger.info(f"using the converted teacher cached in {out}")
+        return out
+    tmp = f"{out}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    import fairseq_kd  # noqa: F401  (registers this package's tasks for the loader)
+
+    converter = FairseqConverter(
+        checkpoint,
+        data_dir,
+        source_lang=src,
+        target_lang=tgt,
+        unsafe_deserialization=True,
+    )
+    converter.convert(tmp, force=True)
+    os.replace(tmp, out)
+    logger.info(f"converted {checkpoint} to CTranslate2 in {out}")
+    return out
+
+
+class CTranslate2Engine:
+    """Beam search with CTranslate2 on the teacher (one model, no ensemble).
+
+    Args:
+        args: the ``fairseq-kd-distill`` options.
+        task: the translation task (dictionaries, dataset).
+        work_dir: the run's work folder (holds the converted model).
+    """
+
+    name = "ctranslate2"
+
+    def __init__(self, args, task, work_dir):
+        try:
+            import ctranslate2
+        except ImportError as e:
+            raise DistillError(
+                "--engine ctranslate2 needs the ctranslate2 package: "
+                "pip install 'fairseq-kd[ct2]'"
+            ) from e
+        from fairseq_kd.checkpoints import load_checkpoint, split_checkpoint_paths
+
+        paths = split_checkpoint_paths(args.path)
+        if len(paths) != 1:
+            raise DistillError(
+                "--engine ctranslate2 translates with one teacher: --path names "
+                f"{len(paths)}; use --engine fairseq for an ensemble"
+            )
+        state = load_checkpoint(paths[0])
+        model_cfg = state["cfg"]["model"] if state.get("cfg") else state["args"]
+        self.max_source_positions = getattr(model_cfg, "max_source_positions", 1024)
+        self.max_target_positions = getattr(model_cfg, "max_target_positions", 1024)
+        del state
+        self.args, self.task = args, task
+        model_dir = convert_teacher(
+            paths[0], args.data, args.source_lang, args.target_lang, work_dir
+        )
+        device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+        compute_type = args.ct2_compute_type
+        if args.fp16 and compute_type == "default":
+            compute_type = "float16"
+        self.translator = ctranslate2.Translator(
+            model_dir,
+            device=device,
+            compute_type=compute_type,
+            inter_threads=1,
+            intra_threads=args.threads,
+        )
+
+    def too_long(self, src_len: int) -> bool:
+        """Whether a source of ``src_len`` tokens exceeds the teacher's positions."""
+        return src_len > self.max_source_positions
+
+    def translate(self, dataset, ids: List[int]) -> Dict[int, List]:
+        """n-best ``(subword string, score)`` lists of the sentences ``ids``.
+
+        Args:
+            dataset: the ``LanguagePairDataset``.
+            ids: corpus ids, already sorted by source length.
+        """
+        from fairseq.data import data_utils
+
+        src_dict = self.task.source_dictionary
+        ids = np.asarray(ids, dtype=np.int64)
+        batches = data_utils.batch_by_size(
+            ids,
+            dataset.num_tokens,
+            num_tokens_vec=dataset.src_sizes[ids].astype(np.int64),
+            max_tokens=self.args.max_tokens,
+            max_sentences=self.args.batch_size,
+        )
+        out = {}
+        for batch in batches:
+            batch = [int(i) for i in batch]
+            tokens = [src_dict.string(dataset.src[i]).split() for i in batch]
+            # fairseq's limit a * len + b counts the source with its </s>
+            longest = max(len(t) + 1 for t in tokens)
+            max_len = int(self.args.max_len_a * longest + self.args.max_len_b)
+            results = self.translator.translate_batch(
+                tokens,
+                beam_size=self.args.beam,
+                num_hypotheses=self.args.nbest,
+                length_penalty=self.args.lenpen,
+                max_decoding_length=min(max_len, self.max_target_positions - 1),
+                min_decoding_length=1,
+                return_scores=True,
+            )
+            for i, res in zip(batch, results):
+                out[i] = [
+                    (" ".join(hyp), float(score))
+                    for hyp, score in zip(res.hypotheses, res.scores)
+                ]
+        return out
