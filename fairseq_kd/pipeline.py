@@ -65,10 +65,12 @@ def fairseq_env():
     fairseq pickles an ``argparse.Namespace`` into its checkpoints, which
     torch >= 2.6 refuses to load by default; torch's documented switch
     ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` restores the old behaviour for
-    checkpoints we wrote ourselves.
+    checkpoints we wrote ourselves. Output is unbuffered so that progress
+    lines arrive as they are written.
     """
     env = dict(os.environ)
     env.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")  # stream fairseq's progress lines
     return env
 
 
