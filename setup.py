@@ -38,7 +38,12 @@ setup(
         "dev": ["pytest", "black", "isort", "flake8"],
         "ct2": ["ctranslate2>=4.0"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "fairseq-kd-dump-topk = fairseq_kd.dump_topk:cli_main",
+            "fairseq-kd-merge-topk = fairseq_kd.dump_topk:merge_main",
+        ]
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: MIT License",

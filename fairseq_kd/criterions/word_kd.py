@@ -101,7 +101,14 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         if kd_alpha > 0 and not getattr(task, "has_teacher", False):
             raise ValueError(
                 f"--criterion word_kd with --kd-alpha {kd_alpha} needs a teacher: "
-                "use --task translation_kd with --teacher-path"
+                "use --task translation_kd with --teacher-path (live) or "
+                "--teacher-topk (stored top-k)"
+            )
+        support = getattr(task, "teacher_support", None) if kd_alpha > 0 else None
+        if support is not None and kd_topk > support:
+            raise ValueError(
+                f"--kd-topk {kd_topk} is larger than the {support} entries per "
+                "position of the --teacher-topk store"
             )
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
@@ -131,11 +138,12 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             else:  # logged only: the loss stays exactly label-smoothed CE
                 with torch.no_grad():
                     kd_loss = self.compute_kd_loss(model, net_output, sample, teacher)
-        elif self.kd_alpha > 0:
+        elif self.kd_alpha > 0 and model.training:
             raise RuntimeError(
                 "word_kd found no teacher distributions in the sample: "
-                "use --task translation_kd with --teacher-path"
+                "use --task translation_kd with --teacher-path or --teacher-topk"
             )
+        # (validation of a split without a top-k store: label-smoothed CE only)
         sample_size = (
             sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         )
