@@ -558,7 +558,8 @@ class TopKWriter:
         total = int((ends - starts).sum())
         if total != len(lprobs) or total != len(indices):
             raise ValueError(
-                f"got {len(lprobs)} rows for sentences whose targets have {total} tokens"
+                f"got {len(lprobs)} rows for sentences whose targets have "
+                f"{total} tokens"
             )
         lp = np.asarray(lprobs).astype(LPROB_DTYPE)
         ix = np.asarray(indices).astype(self.specs["indices"]["dtype"])
