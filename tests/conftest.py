@@ -52,3 +52,14 @@ def teacher_early(teacher_dir):
     """A second, different teacher: the same run after 150 updates."""
     (path,) = glob.glob(os.path.join(teacher_dir, "checkpoint_*_150.pt"))
     return path
+
+
+@pytest.fixture(scope="session")
+def topk_root(data_bin, teacher, tmp_path_factory):
+    """Top-8 stores of the tiny teacher, one per split (``ROOT/train``...)."""
+    from topk_util import dump
+
+    root = str(tmp_path_factory.mktemp("topk"))
+    for split in ("train", "valid"):
+        dump(data_bin, teacher, os.path.join(root, split), "--gen-subset", split)
+    return root

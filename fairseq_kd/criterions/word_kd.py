@@ -9,6 +9,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
+    label_smoothed_nll_loss,
 )
 from fairseq.logging import metrics
 
@@ -126,18 +127,26 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             ``(loss, sample_size, logging_output)``.
         """
         net_output = model(**sample["net_input"])
-        loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
+        # one log-softmax over the vocabulary serves both terms when T = 1
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
+        loss, nll_loss = self.compute_loss_from_lprobs(
+            lprobs, model, net_output, sample, reduce=reduce
+        )
         teacher = sample.get(TEACHER_KEY)
         kd_loss = None
         if teacher is not None:
             if self.kd_alpha > 0:
-                kd_loss = self.compute_kd_loss(model, net_output, sample, teacher)
+                kd_loss = self.compute_kd_loss(
+                    model, net_output, sample, teacher, lprobs
+                )
                 loss = (1.0 - self.kd_alpha) * loss + (
                     self.kd_alpha * self.kd_temperature**2
                 ) * kd_loss
             else:  # logged only: the loss stays exactly label-smoothed CE
                 with torch.no_grad():
-                    kd_loss = self.compute_kd_loss(model, net_output, sample, teacher)
+                    kd_loss = self.compute_kd_loss(
+                        model, net_output, sample, teacher, lprobs
+                    )
         elif self.kd_alpha > 0 and model.training:
             raise RuntimeError(
                 "word_kd found no teacher distributions in the sample: "
@@ -162,7 +171,29 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["total"] = utils.item(total.data)
         return loss, sample_size, logging_output
 
-    def compute_kd_loss(self, model, net_output, sample, teacher):
+    def compute_loss_from_lprobs(self, lprobs, model, net_output, sample, reduce=True):
+        """fairseq's label-smoothed NLL, from already normalised ``lprobs``.
+
+        Args:
+            lprobs: the student's log-probabilities, ``B x T x V``.
+            model: the student.
+            net_output: the student's output on ``sample``.
+            sample: the mini-batch.
+            reduce: sum the losses.
+        """
+        target = model.get_targets(sample, net_output)  # B x T
+        if self.ignore_prefix_size > 0:
+            lprobs = lprobs[:, self.ignore_prefix_size :, :].contiguous()
+            target = target[:, self.ignore_prefix_size :].contiguous()
+        return label_smoothed_nll_loss(
+            lprobs.view(-1, lprobs.size(-1)),
+            target.view(-1),
+            self.eps,
+            ignore_index=self.padding_idx,
+            reduce=reduce,
+        )
+
+    def compute_kd_loss(self, model, net_output, sample, teacher, lprobs=None):
         """Sum over non-padding tokens of KL(p_teacher^T || p_student^T).
 
         Args:
@@ -170,11 +201,13 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             net_output: the student's output on ``sample``.
             sample: the mini-batch.
             teacher: ``{"lprobs": B x T x S, "indices": B x T x S (optional)}``.
+            lprobs: the student's log-probabilities at T = 1, ``B x T x V``, if
+                already computed (reused when the temperature is 1).
         """
-        logits = net_output[0]
-        if self.kd_temperature != 1.0:
-            net_output = (logits / self.kd_temperature,) + tuple(net_output[1:])
-        lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
+        if self.kd_temperature != 1.0 or lprobs is None:
+            logits = net_output[0] / self.kd_temperature
+            net_output = (logits,) + tuple(net_output[1:])
+            lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
         target = model.get_targets(sample, net_output)  # B x T
         teacher_lprobs = teacher["lprobs"]  # B x T x S
         indices = teacher.get("indices")  # B x T x S or None
