@@ -30,6 +30,7 @@ logger = logging.getLogger("fairseq_kd.dump_topk")
 
 ABORT_ENV = "FAIRSEQ_KD_DUMP_ABORT_AFTER"  # test hook: die after N batches
 DEFAULT_MAX_TOKENS = 4096
+CHUNK_ROWS = 256  # positions normalised at a time by the single-teacher path
 
 
 def add_dump_args(parser):
@@ -116,6 +117,28 @@ def shard_output(output, num_shards, shard_id):
     return os.path.join(output, f"shard-{shard_id:03d}-of-{num_shards:03d}")
 
 
+def _single_teacher_topk(teacher, net_input, k, rows=CHUNK_ROWS):
+    """Top-k log-probabilities of one teacher, normalised ``rows`` at a time.
+
+    Equal to ``teacher_log_probs([teacher], net_input).topk(k)`` (softmax rows
+    are independent), but the ``B x T x V`` log-probabilities are never held
+    at once, which keeps the work in cache.
+    """
+    net_output = teacher(**net_input)
+    logits = net_output[0]  # B x T x V
+    bsz, tlen, vocab = logits.shape
+    flat = logits.reshape(-1, vocab)  # BT x V
+    values = flat.new_empty(bsz * tlen, k, dtype=torch.float32)  # BT x k
+    indices = torch.empty(bsz * tlen, k, dtype=torch.long, device=flat.device)
+    for start in range(0, bsz * tlen, rows):
+        end = min(start + rows, bsz * tlen)
+        chunk = (flat[start:end],) + tuple(net_output[1:])
+        lprobs = teacher.get_normalized_probs(chunk, log_probs=True).float()
+        torch.topk(lprobs, k, dim=-1, out=(values[start:end], indices[start:end]))
+    return values.view(bsz, tlen, k), indices.view(bsz, tlen, k)
+
+
+@torch.no_grad()
 def topk_of_batch(teachers, sample, k, pad):
     """Teacher top-k at every non-padding target position of a batch.
 
@@ -130,8 +153,13 @@ def topk_of_batch(teachers, sample, k, pad):
         log-probabilities and int64 ids, positions of row 0 first; ``B``
         target lengths; the summed top-k probability mass.
     """
-    lprobs = teacher_log_probs(teachers, sample["net_input"])  # B x T x V
-    values, indices = lprobs.topk(k, dim=-1)  # B x T x k
+    net_input = sample["net_input"]
+    decoder = getattr(teachers[0], "decoder", None)
+    if len(teachers) == 1 and getattr(decoder, "adaptive_softmax", None) is None:
+        values, indices = _single_teacher_topk(teachers[0], net_input, k)
+    else:
+        lprobs = teacher_log_probs(teachers, net_input)  # B x T x V
+        values, indices = lprobs.topk(k, dim=-1)  # B x T x k
     mask = sample["target"].ne(pad)  # B x T
     values, indices = values[mask], indices[mask]  # sum(L) x k
     mass = values.double().exp().sum()

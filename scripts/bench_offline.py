@@ -141,7 +141,8 @@ def train_teacher(work, data, updates, max_tokens):
     """A briefly trained teacher (timings do not depend on its quality)."""
     save = os.path.join(work, "teacher")
     path = os.path.join(save, "checkpoint_last.pt")
-    if os.path.isfile(path):
+    done = os.path.join(save, "DONE")
+    if os.path.isfile(done):
         return path
     sh(
         ["fairseq-train", data, "--save-dir", save, "--max-update", str(updates)]
@@ -151,6 +152,7 @@ def train_teacher(work, data, updates, max_tokens):
         + ["--max-tokens", str(max_tokens), "--no-epoch-checkpoints"]
         + ["--disable-validation", "--no-progress-bar"]
     )
+    open(done, "w").close()
     return path
 
 

@@ -213,7 +213,7 @@ def test_start_up_errors(data_bin, teacher, topk_root):
     with pytest.raises(ValueError, match="--kd-topk 16 is larger than the 8"):
         task.build_criterion(cfg.criterion)
     task, cfg = make_task(data_bin, "--teacher-topk", os.path.dirname(topk_root))
-    with pytest.raises(TopKStoreError, match="has no header.json"):
+    with pytest.raises(TopKStoreError, match="no store for the training split"):
         task.load_dataset("train", combine=True)
 
 

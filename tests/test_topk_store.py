@@ -84,6 +84,20 @@ def test_entries_are_the_teachers_per_sentence_top_k(topk_root, teacher, valid_t
     assert np.mean([t[0] == eos for t in top1]) < 0.1
 
 
+def test_ensemble_path_agrees_with_the_single_teacher_path(
+    topk_root, data_bin, teacher, tmp_path
+):
+    # an "ensemble" of one teacher twice takes the generic (full-softmax) path
+    out = str(tmp_path / "twice")
+    dump(data_bin, teacher, out, "--gen-subset", "valid", "--path", f"{teacher}:{teacher}")
+    single, twice = TopKStore(os.path.join(topk_root, "valid")), TopKStore(out)
+    assert len(twice.header["teachers"]) == 2
+    for i in range(len(single)):
+        (lp1, ix1), (lp2, ix2) = single.entry(i), twice.entry(i)
+        assert np.allclose(lp1.astype(np.float32), lp2.astype(np.float32), atol=1e-2)
+        assert (ix1 == ix2).mean() > 0.95  # equal up to ties
+
+
 def test_store_pickles_without_its_memory_maps(topk_root):
     store = TopKStore(os.path.join(topk_root, "train"))
     first = store.entry(7)

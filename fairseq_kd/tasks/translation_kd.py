@@ -11,7 +11,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_kd.checkpoints import load_teacher_ensemble, teacher_log_probs
 from fairseq_kd.topk_dataset import TEACHER_KEY, TopKTeacherDataset
-from fairseq_kd.topk_store import HEADER, PROGRESS, TopKStore
+from fairseq_kd.topk_store import HEADER, PROGRESS, TopKStore, TopKStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +98,17 @@ class TranslationKDTask(TranslationTask):
         per_split = os.path.join(root, split)
         if os.path.isdir(per_split):
             return per_split
-        if split == self.cfg.train_subset:
-            return root  # TopKStore explains what is missing there
-        return None
+        if split != self.cfg.train_subset:
+            return None
+        if os.path.isdir(root) and not any(
+            name.startswith("shard-") for name in os.listdir(root)
+        ):
+            raise TopKStoreError(
+                f"--teacher-topk {root} holds no store for the training split "
+                f"'{split}': expected {os.path.join(root, HEADER)} (one store) or "
+                f"{os.path.join(root, split, HEADER)} (one store per split)"
+            )
+        return root  # TopKStore explains what is missing there (shards, nothing)
 
     def _open_store(self, split):
         path = self.topk_store_path(split)
