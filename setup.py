@@ -42,7 +42,11 @@ setup(
         "bench": ["matplotlib", "ctranslate2>=4.0"],
     },
     entry_points={
-        "console_scripts": ["fairseq-kd-distill = fairseq_kd.distill:cli_main"]
+        "console_scripts": [
+            "fairseq-kd-distill = fairseq_kd.distill:cli_main",
+            "fairseq-kd-dump-topk = fairseq_kd.dump_topk:cli_main",
+            "fairseq-kd-merge-topk = fairseq_kd.dump_topk:merge_main",
+        ]
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -61,3 +61,14 @@ def teacher_early(teacher, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("teacher2") / "checkpoint.pt")
     torch.save(state, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def topk_root(data_bin, teacher, tmp_path_factory):
+    """Top-8 stores of the tiny teacher, one per split (``ROOT/train``...)."""
+    from topk_util import dump
+
+    root = str(tmp_path_factory.mktemp("topk"))
+    for split in ("train", "valid"):
+        dump(data_bin, teacher, os.path.join(root, split), "--gen-subset", split)
+    return root

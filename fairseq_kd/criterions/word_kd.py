@@ -10,6 +10,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
+    label_smoothed_nll_loss,
 )
 from fairseq.dataclass import ChoiceEnum
 from fairseq.distributed import utils as distributed_utils
@@ -253,7 +254,14 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         if max_alpha > 0 and not getattr(task, "has_teacher", False):
             raise ValueError(
                 f"--criterion word_kd with --kd-alpha {max_alpha} needs a teacher: "
-                "use --task translation_kd with --teacher-path"
+                "use --task translation_kd with --teacher-path (live) or "
+                "--teacher-topk (stored top-k)"
+            )
+        support = getattr(task, "teacher_support", None) if max_alpha > 0 else None
+        if support is not None and kd_topk > support:
+            raise ValueError(
+                f"--kd-topk {kd_topk} is larger than the {support} entries per "
+                "position of the --teacher-topk store"
             )
         self.kd_topk = kd_topk
         self.kd_divergence = str(kd_divergence)
@@ -334,13 +342,17 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             ``(loss, sample_size, logging_output)``.
         """
         net_output = model(**sample["net_input"])
-        loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
+        # one log-softmax over the vocabulary serves both terms when T = 1
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
+        loss, nll_loss = self.compute_loss_from_lprobs(
+            lprobs, model, net_output, sample, reduce=reduce
+        )
         teacher = sample.get(TEACHER_KEY)
         kd_loss, selection = None, None
         if teacher is not None:
             if self.kd_alpha > 0:
                 kd_loss, selection = self.compute_kd_loss(
-                    model, net_output, sample, teacher
+                    model, net_output, sample, teacher, lprobs
                 )
                 loss = (1.0 - self.kd_alpha) * loss + (
                     self.kd_alpha * self.kd_temperature**2
@@ -348,13 +360,14 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             else:  # logged only: the loss stays exactly label-smoothed CE
                 with torch.no_grad():
                     kd_loss, selection = self.compute_kd_loss(
-                        model, net_output, sample, teacher
+                        model, net_output, sample, teacher, lprobs
                     )
-        elif self.kd_alpha > 0:
+        elif self.kd_alpha > 0 and model.training:
             raise RuntimeError(
                 "word_kd found no teacher distributions in the sample: "
-                "use --task translation_kd with --teacher-path"
+                "use --task translation_kd with --teacher-path or --teacher-topk"
             )
+        # (validation of a split without a top-k store: label-smoothed CE only)
         sample_size = (
             sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         )
@@ -375,7 +388,29 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["total"] = utils.item(total.data)
         return loss, sample_size, logging_output
 
-    def compute_kd_loss(self, model, net_output, sample, teacher):
+    def compute_loss_from_lprobs(self, lprobs, model, net_output, sample, reduce=True):
+        """fairseq's label-smoothed NLL, from already normalised ``lprobs``.
+
+        Args:
+            lprobs: the student's log-probabilities, ``B x T x V``.
+            model: the student.
+            net_output: the student's output on ``sample``.
+            sample: the mini-batch.
+            reduce: sum the losses.
+        """
+        target = model.get_targets(sample, net_output)  # B x T
+        if self.ignore_prefix_size > 0:
+            lprobs = lprobs[:, self.ignore_prefix_size :, :].contiguous()
+            target = target[:, self.ignore_prefix_size :].contiguous()
+        return label_smoothed_nll_loss(
+            lprobs.view(-1, lprobs.size(-1)),
+            target.view(-1),
+            self.eps,
+            ignore_index=self.padding_idx,
+            reduce=reduce,
+        )
+
+    def compute_kd_loss(self, model, net_output, sample, teacher, lprobs=None):
         """Sum over the selected tokens of D(p_teacher^T, p_student^T).
 
         Args:
@@ -383,6 +418,8 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             net_output: the student's output on ``sample``.
             sample: the mini-batch.
             teacher: ``{"lprobs": B x T x S, "indices": B x T x S (optional)}``.
+            lprobs: the student's log-probabilities at T = 1, ``B x T x V``, if
+                already computed (reused when the temperature is 1).
 
         Returns:
             ``(kd_loss, selection)``: the summed divergence, and ``(number of
@@ -391,9 +428,9 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         """
         logits = net_output[0]
         plain_output = net_output
-        if self.kd_temperature != 1.0:
+        if self.kd_temperature != 1.0 or lprobs is None:
             net_output = (logits / self.kd_temperature,) + tuple(net_output[1:])
-        lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
+            lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
         target = model.get_targets(sample, net_output)  # B x T
         ce_lprobs = None
         if self.kd_selection != "none":

@@ -1,6 +1,7 @@
 """The ``translation_kd`` task: fairseq translation plus a frozen teacher."""
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -9,10 +10,12 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_kd.checkpoints import load_teacher_ensemble, teacher_log_probs
+from fairseq_kd.topk_dataset import TEACHER_KEY, TopKTeacherDataset
+from fairseq_kd.topk_store import HEADER, PROGRESS, TopKStore, TopKStoreError
 
 logger = logging.getLogger(__name__)
 
-TEACHER_KEY = "teacher"
+__all__ = ["TEACHER_KEY", "TranslationKDConfig", "TranslationKDTask"]
 
 
 @dataclass
@@ -24,6 +27,22 @@ class TranslationKDConfig(TranslationConfig):
         metadata={
             "help": "teacher checkpoint(s) run live beside the student; several "
             "separated by ':' form an ensemble whose probabilities are averaged"
+        },
+    )
+    teacher_topk: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "read the teacher's top-k from a store written by "
+            "fairseq-kd-dump-topk instead of running a teacher: either one store "
+            "(used for --train-subset) or a folder with one store per split "
+            "(DIR/train, DIR/valid, ...); excludes --teacher-path"
+        },
+    )
+    teacher_topk_checksums: bool = field(
+        default=False,
+        metadata={
+            "help": "verify the sha256 of every array of the top-k store(s) "
+            "before training (reads each store once)"
         },
     )
 
@@ -48,13 +67,96 @@ class TranslationKDTask(TranslationTask):
 
     def __init__(self, cfg: TranslationKDConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
+        if cfg.teacher_path and cfg.teacher_topk:
+            raise ValueError(
+                "--teacher-path (live teacher) and --teacher-topk (stored top-k) "
+                "are mutually exclusive: give one of them"
+            )
         self.teachers = None  # a plain list: never a submodule of anything
         self.criterion = None  # set by build_criterion, for checkpoint state
+        self._train_store = None
 
     @property
     def has_teacher(self):
-        """Whether this task was configured with a teacher."""
-        return bool(self.cfg.teacher_path)
+        """Whether this task was configured with a teacher (live or stored)."""
+        return bool(self.cfg.teacher_path or self.cfg.teacher_topk)
+
+    def topk_store_path(self, split):
+        """The store serving ``split`` under ``--teacher-topk``, or None.
+
+        ``--teacher-topk DIR`` is either one store (it has ``header.json``),
+        used for the training split, or a folder of stores named after the
+        splits (``DIR/train``, ``DIR/valid``...).
+
+        Args:
+            split: the split's name.
+        """
+        root = self.cfg.teacher_topk
+        if not root:
+            return None
+        if any(os.path.isfile(os.path.join(root, f)) for f in (HEADER, PROGRESS)):
+            return root if split == self.cfg.train_subset else None
+        per_split = os.path.join(root, split)
+        if os.path.isdir(per_split):
+            return per_split
+        if split != self.cfg.train_subset:
+            return None
+        if os.path.isdir(root) and not any(
+            name.startswith("shard-") for name in os.listdir(root)
+        ):
+            raise TopKStoreError(
+                f"--teacher-topk {root} holds no store for the training split "
+                f"'{split}': expected {os.path.join(root, HEADER)} (one store) or "
+                f"{os.path.join(root, split, HEADER)} (one store per split)"
+            )
+        return root  # TopKStore explains what is missing there (shards, nothing)
+
+    def _open_store(self, split):
+        path = self.topk_store_path(split)
+        if path is None:
+            return None
+        if split == self.cfg.train_subset and self._train_store is not None:
+            return self._train_store
+        store = TopKStore(path, verify_checksums=self.cfg.teacher_topk_checksums)
+        if split == self.cfg.train_subset:
+            self._train_store = store
+        return store
+
+    @property
+    def teacher_support(self):
+        """Entries per position the teacher provides (None: the vocabulary)."""
+        if not self.cfg.teacher_topk:
+            return None
+        return self._open_store(self.cfg.train_subset).k
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        """Load a split; with ``--teacher-topk``, attach its verified store.
+
+        Args:
+            split: the split's name.
+            epoch: fairseq's epoch (selects the data shard).
+            combine: concatenate ``split``, ``split1``... as fairseq does.
+        """
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        if not self.cfg.teacher_topk:
+            return
+        store = self._open_store(split)
+        if store is None:
+            logger.warning(
+                f"no top-k store for split '{split}' under {self.cfg.teacher_topk}: "
+                "its loss is label-smoothed cross-entropy only (no kd_loss); dump "
+                f"one with fairseq-kd-dump-topk --gen-subset {split} --output "
+                f"{os.path.join(self.cfg.teacher_topk, split)}"
+            )
+            return
+        dataset = self.datasets[split]
+        store.verify_against(
+            dataset, self.source_dictionary, self.target_dictionary, split
+        )
+        logger.info(store.describe())
+        self.datasets[split] = TopKTeacherDataset(
+            dataset, store, self.target_dictionary.pad()
+        )
 
     def build_model(self, cfg, from_checkpoint=False):
         """Build the student; load the teacher once, unless reloading a model.

@@ -1,0 +1,290 @@
+"""Training from a top-k store: same losses as live, alignment, start-up checks, DDP."""
+
+import os
+import socket
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from corpus import BIN, STUDENT_ARCH, TRAIN_FLAGS, json_logs, train
+from fairseq.data import Dictionary, LanguagePairDataset, bucket_pad_length_dataset
+from fakes import FakeModel
+from topk_util import SentenceReference, assert_entries_match, dump, make_task
+
+from fairseq_kd.checkpoints import load_teacher_ensemble
+from fairseq_kd.topk_dataset import TopKTeacherDataset, collate_teacher
+from fairseq_kd.topk_store import TopKStore, TopKStoreError
+
+USER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fairseq_kd")
+
+
+@pytest.fixture(scope="module")
+def full_vocab_root(data_bin, teacher, tmp_path_factory):
+    """Stores with k = the whole target vocabulary (train and valid)."""
+    vocab = len(Dictionary.load(os.path.join(data_bin, "dict.tgt.txt")))
+    root = str(tmp_path_factory.mktemp("topk_full"))
+    for split in ("train", "valid"):
+        dump(
+            data_bin,
+            teacher,
+            os.path.join(root, split),
+            "--gen-subset",
+            split,
+            "--k",
+            str(vocab),
+        )
+    return root
+
+
+def kd_flags(T, topk, alpha=1.0):
+    return [
+        "--criterion", "word_kd", "--kd-alpha", str(alpha),
+        "--kd-temperature", str(T), "--kd-topk", str(topk), "--label-smoothing", "0",
+    ]  # fmt: skip
+
+
+def valid_batches(task, n=3):
+    itr = task.get_batch_iterator(
+        dataset=task.dataset("valid"), max_tokens=250, seed=3
+    ).next_epoch_itr(shuffle=True)
+    return [sample for _, sample in zip(range(n), itr)]
+
+
+@pytest.mark.parametrize(
+    "store,live_topk,offline_topk,T",
+    [
+        ("full", 0, 0, 1.0),
+        ("full", 0, 0, 2.0),
+        ("top8", 8, 0, 1.0),
+        ("top8", 8, 8, 2.0),
+        ("top8", 3, 3, 2.0),
+    ],
+)
+def test_offline_kd_loss_equals_live(
+    data_bin, teacher, topk_root, full_vocab_root, store, live_topk, offline_topk, T
+):
+    root = full_vocab_root if store == "full" else topk_root
+    live, cfg_live = make_task(
+        data_bin, "--teacher-path", teacher, *kd_flags(T, live_topk)
+    )
+    offline, cfg_off = make_task(
+        data_bin, "--teacher-topk", root, *kd_flags(T, offline_topk)
+    )
+    live.teachers = load_teacher_ensemble(teacher, live)
+    for task in (live, offline):
+        task.load_dataset("valid")
+    assert isinstance(offline.dataset("valid"), TopKTeacherDataset)
+    crit_live = live.build_criterion(cfg_live.criterion)
+    crit_off = offline.build_criterion(cfg_off.criterion)
+    torch.manual_seed(0)
+    for a, b in zip(valid_batches(live), valid_batches(offline)):
+        assert torch.equal(a["id"], b["id"]) and torch.equal(a["target"], b["target"])
+        model = FakeModel(torch.randn(*a["target"].shape, len(live.target_dictionary)))
+        live.attach_teacher(a, model)
+        assert b["teacher"]["lprobs"].dtype == torch.float16
+        _, _, log_live = crit_live(model, a)
+        _, _, log_off = crit_off(model, b)
+        assert float(log_off["kd_loss"]) == pytest.approx(
+            float(log_live["kd_loss"]), rel=2e-3
+        )
+        assert torch.equal(log_off["nll_loss"], log_live["nll_loss"])
+
+
+def _get_buckets(sizes, num_buckets):
+    """fairseq's ``get_buckets`` without numpy's removed ``interpolation=``."""
+    edges = np.percentile(sizes, np.linspace(0, 100, num_buckets + 1), method="lower")
+    return np.unique(edges[1:])
+
+
+@pytest.fixture(scope="module")
+def train_reference(data_bin, teacher):
+    task, _ = make_task(data_bin)
+    task.load_dataset("train", combine=True)
+    return SentenceReference(teacher, task, task.dataset("train"), group=16)
+
+
+@pytest.mark.parametrize(
+    "num_workers,num_shards,shard_id,extra",
+    [
+        (0, 1, 0, []),
+        (2, 2, 1, []),
+        (0, 1, 0, ["--left-pad-target"]),
+    ],
+)
+def test_every_batch_carries_its_sentences_entries(
+    data_bin, topk_root, train_reference, num_workers, num_shards, shard_id, extra
+):
+    task, _ = make_task(data_bin, "--teacher-topk", topk_root, *extra)
+    task.load_dataset("train", combine=True)
+    dataset = task.dataset("train")
+    pad = task.target_dictionary.pad()
+    itr = task.get_batch_iterator(
+        dataset=dataset,
+        max_tokens=400,
+        seed=7,
+        num_shards=num_shards,
+        shard_id=shard_id,
+        num_workers=num_workers,
+        epoch=2,
+    ).next_epoch_itr(shuffle=True)
+    seen = 0
+    for sample in itr:
+        if not sample:  # the dummy batch that evens out shards
+            continue
+        teacher_out = sample["teacher"]
+        assert teacher_out["lprobs"].shape[:2] == sample["target"].shape
+        for row, sentence in enumerate(sample["id"].tolist()):
+            mask = sample["target"][row].ne(pad)
+            ref = train_reference(sentence)
+            assert_entries_match(
+                teacher_out["lprobs"][row][mask], teacher_out["indices"][row][mask], ref
+            )
+            assert (teacher_out["indices"][row][~mask] == pad).all()
+            seen += 1
+    assert seen >= len(dataset) // num_shards - 50
+
+
+def test_bucket_padded_items_align(data_bin, topk_root, train_reference, monkeypatch):
+    # fairseq 0.12's --num-batch-buckets fails on numpy 2 (np.compat, percentile's
+    # interpolation=); build the same padded items by hand
+    monkeypatch.setattr(bucket_pad_length_dataset, "get_buckets", _get_buckets)
+    task, _ = make_task(data_bin)
+    task.load_dataset("train", combine=True)
+    plain = task.dataset("train")
+    padded = [
+        bucket_pad_length_dataset.BucketPadLengthDataset(
+            ds, sizes, 3, task.target_dictionary.pad(), left_pad
+        )
+        for ds, sizes, left_pad in (
+            (plain.src, plain.src_sizes, True),
+            (plain.tgt, plain.tgt_sizes, False),
+        )
+    ]
+    bucketed = LanguagePairDataset(
+        padded[0],
+        padded[0].sizes,
+        plain.src_dict,
+        padded[1],
+        padded[1].sizes,
+        plain.tgt_dict,
+    )
+    store = TopKStore(os.path.join(topk_root, "train"))
+    args = (task.source_dictionary, task.target_dictionary, "train")
+    store.verify_against(bucketed, *args)  # compares the unpadded lengths
+    dataset = TopKTeacherDataset(bucketed, store, task.target_dictionary.pad())
+    pad = task.target_dictionary.pad()
+    for start in range(0, 1500, 250):
+        sample = dataset.collater([dataset[i] for i in range(start, start + 40)])
+        assert sample["target"].eq(pad).any()  # some items were padded
+        for row, sentence in enumerate(sample["id"].tolist()):
+            mask = sample["target"][row].ne(pad)
+            assert_entries_match(
+                sample["teacher"]["lprobs"][row][mask],
+                sample["teacher"]["indices"][row][mask],
+                train_reference(sentence),
+            )
+
+
+def test_collate_teacher_follows_left_and_right_padding():
+    pad, k = 1, 2
+    entries = [
+        {"lprobs": torch.full((3, k), -1.0), "indices": torch.full((3, k), 7)},
+        {"lprobs": torch.full((1, k), -2.0), "indices": torch.full((1, k), 9)},
+    ]
+    right = torch.tensor([[5, 6, 2], [2, pad, pad]])
+    left = torch.tensor([[5, 6, 2], [pad, pad, 2]])
+    out = collate_teacher(entries, right, pad, k)
+    assert out["indices"][:, :, 0].tolist() == [[7, 7, 7], [9, pad, pad]]
+    out = collate_teacher(entries, left, pad, k)
+    assert out["indices"][:, :, 0].tolist() == [[7, 7, 7], [pad, pad, 9]]
+    assert out["lprobs"][1, 2, 0] == -2.0 and out["lprobs"].dtype == torch.float16
+    with pytest.raises(RuntimeError, match="misaligned"):
+        collate_teacher(entries[::-1], right, pad, k)
+
+
+def test_start_up_errors(data_bin, teacher, topk_root):
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        make_task(data_bin, "--teacher-path", teacher, "--teacher-topk", topk_root)
+    task, cfg = make_task(data_bin, *kd_flags(1.0, 0, alpha=0.5))
+    with pytest.raises(ValueError, match="--teacher-path .* or\\s+--teacher-topk"):
+        task.build_criterion(cfg.criterion)
+    task, cfg = make_task(data_bin, "--teacher-topk", topk_root, *kd_flags(1.0, 16))
+    with pytest.raises(ValueError, match="--kd-topk 16 is larger than the 8"):
+        task.build_criterion(cfg.criterion)
+    task, cfg = make_task(data_bin, "--teacher-topk", os.path.dirname(topk_root))
+    with pytest.raises(TopKStoreError, match="no store for the training split"):
+        task.load_dataset("train", combine=True)
+
+
+def test_validation_without_a_store_is_label_smoothed_ce(data_bin, topk_root):
+    # one store given: it serves the training split only
+    task, cfg = make_task(
+        data_bin, "--teacher-topk", os.path.join(topk_root, "train"), *kd_flags(2.0, 0)
+    )
+    task.load_dataset("valid")
+    assert not isinstance(task.dataset("valid"), TopKTeacherDataset)
+    crit = task.build_criterion(cfg.criterion)
+    (sample,) = valid_batches(task, 1)
+    model = FakeModel(torch.randn(*sample["target"].shape, len(task.target_dictionary)))
+    model.eval()
+    loss, _, log = crit(model, sample)
+    assert "kd_loss" not in log and torch.equal(loss, log["nll_loss"])
+    model.train()
+    with pytest.raises(RuntimeError, match="no teacher distributions"):
+        crit(model, sample)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_rank_training_from_the_store_equals_one_process(
+    data_bin, topk_root, tmp_path
+):
+    flags = ["--user-dir", USER_DIR, "--task", "translation_kd"]
+    flags += ["--teacher-topk", topk_root, *kd_flags(2.0, 0, alpha=0.5)]
+    flags += ["--label-smoothing", "0.1", "--dropout", "0", "--max-tokens", "600"]
+    flags += ["--no-save", "--disable-validation"]
+    updates = 4
+    single = train(
+        data_bin, str(tmp_path / "one"), flags + ["--update-freq", "2"],
+        arch=STUDENT_ARCH, updates=updates,
+    )  # fmt: skip
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        cmd = [os.path.join(BIN, "fairseq-train"), data_bin]
+        cmd += [
+            "--save-dir",
+            str(tmp_path / f"rank{rank}"),
+            "--max-update",
+            str(updates),
+        ]
+        cmd += STUDENT_ARCH + TRAIN_FLAGS + flags
+        cmd += ["--distributed-world-size", "2", "--distributed-rank", str(rank)]
+        cmd += ["--distributed-init-method", f"tcp://127.0.0.1:{port}"]
+        cmd += ["--distributed-no-spawn", "--distributed-backend", "gloo"]
+        cmd += ["--ddp-backend", "legacy_ddp"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
+    one = json_logs(single.stdout, "train_inner")
+    two = json_logs(outputs[0], "train_inner")
+    assert len(one) == len(two) == updates
+    for a, b in zip(one, two):
+        assert a["wpb"] == b["wpb"] and a["bsz"] == b["bsz"]  # same global batch
+        for key in ("loss", "nll_loss", "kd_loss"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-3), key
