@@ -59,6 +59,25 @@ def default_multi30k_folder(start):
         folder = parent
 
 
+def aborted_after_training(returncode, output):
+    """Whether ``fairseq-train`` finished its work, then aborted at exit.
+
+    ve-fairseq 0.12.3 sometimes ends a run stopped mid-epoch by
+    ``--max-update`` with ``terminate called without an active exception``
+    (SIGABRT) after it has saved its checkpoints and logged ``done training``.
+    The run's results are complete; only the exit status is wrong.
+
+    Args:
+        returncode: the process's exit status.
+        output: its output (stdout and stderr).
+    """
+    return (
+        returncode in (-6, 134)
+        and "done training in" in output
+        and "terminate called without an active exception" in output
+    )
+
+
 def fairseq_env():
     """Environment for fairseq's own commands on torch >= 2.6.
 
@@ -119,7 +138,9 @@ def run(cmd, log_file=None, show=()):
         if log:
             log.close()
     output = "".join(lines)
-    if proc.returncode != 0:
+    if aborted_after_training(proc.returncode, output):
+        logger.warning("fairseq-train aborted at exit after finishing (ve-fairseq)")
+    elif proc.returncode != 0:
         raise RuntimeError(
             f"command failed with exit code {proc.returncode}: {' '.join(cmd)}\n"
             + output[-3000:]
@@ -353,6 +374,9 @@ def translate(data_bin, checkpoint, split, beam, batch_size=128, extra=()):
         # ve-fairseq 0.12.3 drops the final partial batch when batch sizes must
         # be multiples of 8 (fairseq's default): with 1 every sentence is kept
         + ["--required-batch-size-multiple", "1"]
+        # hypotheses of at most 1.2 x source + 10 tokens (fairseq's default is
+        # 200 tokens, which lets an undertrained model loop for long)
+        + ["--max-len-a", "1.2", "--max-len-b", "10"]
         + list(extra)
     )
     seconds = time.time() - start

@@ -10,6 +10,8 @@ import random
 import subprocess
 import sys
 
+from fairseq_kd.pipeline import aborted_after_training
+
 N_WORDS = 40
 AMBIGUOUS = 8  # words 0..7 have two translations
 
@@ -78,6 +80,8 @@ def run(cmd, env=None, check=True, **kw):
     if cmd[0].startswith("fairseq"):
         cmd = [os.path.join(BIN, cmd[0])] + list(cmd[1:])
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, **kw)
+    if aborted_after_training(proc.returncode, proc.stdout + proc.stderr):
+        proc.returncode = 0  # ve-fairseq's abort at exit, after a complete run
     if check and proc.returncode != 0:
         raise AssertionError(
             f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
