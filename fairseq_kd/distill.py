@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fairseq_kd.seqkd import filters, parts, selection
+from fairseq_kd.seqkd.batching import batches_of
 from fairseq_kd.seqkd.parts import DistillError
 
 logger = logging.getLogger("fairseq_kd.distill")
@@ -309,17 +310,9 @@ class FairseqEngine:
             ids: corpus ids, already sorted by source length.
         """
         from fairseq import utils
-        from fairseq.data import data_utils
 
         tgt_dict = self.task.target_dictionary
-        ids = np.asarray(ids, dtype=np.int64)
-        batches = data_utils.batch_by_size(
-            ids,
-            dataset.num_tokens,
-            num_tokens_vec=dataset.src_sizes[ids].astype(np.int64),
-            max_tokens=self.args.max_tokens,
-            max_sentences=self.args.batch_size,
-        )
+        batches = batches_of(dataset, ids, self.args.max_tokens, self.args.batch_size)
         out = {}
         for batch in batches:
             sample = dataset.collater([dataset[int(i)] for i in batch])

@@ -5,9 +5,9 @@ import os
 import shutil
 from typing import Dict, List
 
-import numpy as np
 import torch
 
+from fairseq_kd.seqkd.batching import batches_of
 from fairseq_kd.seqkd.parts import DistillError
 
 logger = logging.getLogger(__name__)
@@ -116,17 +116,9 @@ class CTranslate2Engine:
             dataset: the ``LanguagePairDataset``.
             ids: corpus ids, already sorted by source length.
         """
-        from fairseq.data import data_utils
 
         src_dict = self.task.source_dictionary
-        ids = np.asarray(ids, dtype=np.int64)
-        batches = data_utils.batch_by_size(
-            ids,
-            dataset.num_tokens,
-            num_tokens_vec=dataset.src_sizes[ids].astype(np.int64),
-            max_tokens=self.args.max_tokens,
-            max_sentences=self.args.batch_size,
-        )
+        batches = batches_of(dataset, ids, self.args.max_tokens, self.args.batch_size)
         out = {}
         for batch in batches:
             batch = [int(i) for i in batch]
