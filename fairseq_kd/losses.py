@@ -8,7 +8,7 @@ import torch.nn.functional as F
 DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "js")
 
 
-def _at_least_float32(x):
+def at_least_float32(x):
     """Upcast half precision to float32; keep float32 and float64 as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -53,7 +53,7 @@ def teacher_log_distribution(lprobs, temperature=1.0):
         lprobs: teacher log-probabilities at temperature 1, ``N x S``.
         temperature: distillation temperature ``T > 0``.
     """
-    lprobs = _at_least_float32(lprobs)
+    lprobs = at_least_float32(lprobs)
     if temperature != 1.0:
         lprobs = lprobs / temperature
     return F.log_softmax(lprobs, dim=-1)
@@ -210,7 +210,7 @@ def word_kd_divergence(
         )
     logq = teacher_log_distribution(teacher_lprobs, temperature)
     div_fn = DIVERGENCES[divergence]
-    kl = div_fn(logq, _at_least_float32(student_lprobs), teacher_indices)  # N
+    kl = div_fn(logq, at_least_float32(student_lprobs), teacher_indices)  # N
     if ignore_index is not None:
         kl = kl.masked_fill(target.eq(ignore_index), 0.0)
     if selected is not None:
@@ -231,7 +231,7 @@ def gold_token_nll(lprobs, target, ignore_index=None):
     """
     with torch.no_grad():
         nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # N
-        nll = _at_least_float32(nll)
+        nll = at_least_float32(nll)
         if ignore_index is not None:
             nll = nll.masked_fill(target.eq(ignore_index), 0.0)
     return nll

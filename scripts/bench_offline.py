@@ -194,7 +194,7 @@ def dump_seconds(data, teacher, split, out, k, max_tokens):
         shutil.rmtree(out)
     argv = [data, "--path", teacher, "--output", out, "--gen-subset", split]
     argv += ["--k", str(k), "--cpu", "--max-tokens", str(max_tokens)]
-    argv += ["--no-progress-bar"]
+    argv += ["--no-progress-bar", "--num-workers", "0"]  # as the bare forward
     start = time.perf_counter()
     stats = dump_topk.dump(dump_topk.parse(argv))
     stats["total_seconds"] = time.perf_counter() - start

@@ -288,3 +288,56 @@ def test_two_rank_training_from_the_store_equals_one_process(
         assert a["wpb"] == b["wpb"] and a["bsz"] == b["bsz"]  # same global batch
         for key in ("loss", "nll_loss", "kd_loss"):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=2e-3), key
+
+
+@pytest.mark.parametrize(
+    "kd_topk,eps,dtype",
+    [(0, 0.1, torch.float32), (3, 0.1, torch.float32), (0, 0.0, torch.float64)],
+)
+def test_one_gather_path_equals_the_two_term_path(kd_topk, eps, dtype):
+    from fakes import FakeTask, make_dictionary, make_sample
+
+    from fairseq_kd.criterions.word_kd import WordKDCriterion
+
+    torch.manual_seed(3)
+    d = make_dictionary(20)
+    pad, vocab = d.pad(), len(d)
+    target = torch.tensor([[5, 6, 7, 2], [8, 9, 2, pad]])
+    full = torch.log_softmax(torch.randn(2, 4, vocab) * 3, -1)
+    values, indices = full.topk(8, dim=-1)
+    logits = torch.randn(2, 4, vocab, dtype=dtype)
+    results = []
+    for share in (True, False):
+        crit = WordKDCriterion(FakeTask(d), False, eps, kd_alpha=0.6, kd_topk=kd_topk)
+        crit.share_gather = share
+        teacher = {"indices": indices.to(torch.int32)}
+        assert crit._shares_gather(teacher) is share
+        model = FakeModel(logits)
+        sample = make_sample(target, pad, values.half(), indices)
+        loss, _, log = crit(model, sample)
+        loss.backward()
+        results.append((loss, log, model.logits.grad))
+    (l1, log1, g1), (l2, log2, g2) = results
+    assert torch.allclose(l1, l2, rtol=1e-6)
+    assert torch.equal(log1["nll_loss"], log2["nll_loss"])
+    assert torch.allclose(log1["kd_loss"], log2["kd_loss"], rtol=1e-6)
+    assert torch.allclose(g1, g2, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"kd_temperature": 2.0}, {"kd_divergence": "js"}, {"kd_selection": "batch"}],
+)
+def test_one_gather_path_is_used_only_where_it_is_exact(option):
+    from fakes import FakeTask, make_dictionary
+
+    from fairseq_kd.criterions.word_kd import WordKDCriterion
+
+    d = make_dictionary(20)
+    teacher = {"lprobs": torch.zeros(1, 1, 2), "indices": torch.zeros(1, 1, 2)}
+    assert WordKDCriterion(FakeTask(d), False, 0.1, kd_alpha=0.5)._shares_gather(
+        teacher
+    )
+    crit = WordKDCriterion(FakeTask(d), False, 0.1, kd_alpha=0.5, **option)
+    assert not crit._shares_gather(teacher)
+    assert not crit._shares_gather({"lprobs": teacher["lprobs"]})  # live, full vocab

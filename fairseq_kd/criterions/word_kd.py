@@ -19,11 +19,15 @@ from fairseq.logging import metrics
 from fairseq_kd import compat
 from fairseq_kd.losses import (
     DIVERGENCE_NAMES,
+    at_least_float32,
+    forward_kl,
     gold_token_nll,
     history_threshold,
     push_history,
+    restrict_topk,
     select_above,
     select_top_fraction,
+    teacher_log_distribution,
     word_kd_divergence,
 )
 from fairseq_kd.schedules import parse_schedule
@@ -214,6 +218,8 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         kd_temperature_schedule: schedule of ``kd_temperature``.
     """
 
+    share_gather = True  # one gather for both terms where possible (tests: False)
+
     def __init__(
         self,
         task,
@@ -344,29 +350,40 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         net_output = model(**sample["net_input"])
         # one log-softmax over the vocabulary serves both terms when T = 1
         lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
-        loss, nll_loss = self.compute_loss_from_lprobs(
-            lprobs, model, net_output, sample, reduce=reduce
-        )
         teacher = sample.get(TEACHER_KEY)
         kd_loss, selection = None, None
-        if teacher is not None:
-            if self.kd_alpha > 0:
+        if teacher is None:
+            if self.kd_alpha > 0 and model.training:
+                raise RuntimeError(
+                    "word_kd found no teacher distributions in the sample: "
+                    "use --task translation_kd with --teacher-path or --teacher-topk"
+                )
+            loss, nll_loss = self.compute_loss_from_lprobs(
+                lprobs, model, net_output, sample, reduce=reduce
+            )
+        elif self.kd_alpha > 0 and reduce and self._shares_gather(teacher):
+            loss, nll_loss, kd_loss = self.compute_losses_one_gather(
+                lprobs, model, net_output, sample, teacher
+            )
+            loss = (1.0 - self.kd_alpha) * loss + self.kd_alpha * kd_loss  # T = 1
+        elif self.kd_alpha > 0:
+            loss, nll_loss = self.compute_loss_from_lprobs(
+                lprobs, model, net_output, sample, reduce=reduce
+            )
+            kd_loss, selection = self.compute_kd_loss(
+                model, net_output, sample, teacher, lprobs
+            )
+            loss = (1.0 - self.kd_alpha) * loss + (
+                self.kd_alpha * self.kd_temperature**2
+            ) * kd_loss
+        else:  # logged only: the loss stays exactly label-smoothed CE
+            loss, nll_loss = self.compute_loss_from_lprobs(
+                lprobs, model, net_output, sample, reduce=reduce
+            )
+            with torch.no_grad():
                 kd_loss, selection = self.compute_kd_loss(
                     model, net_output, sample, teacher, lprobs
                 )
-                loss = (1.0 - self.kd_alpha) * loss + (
-                    self.kd_alpha * self.kd_temperature**2
-                ) * kd_loss
-            else:  # logged only: the loss stays exactly label-smoothed CE
-                with torch.no_grad():
-                    kd_loss, selection = self.compute_kd_loss(
-                        model, net_output, sample, teacher, lprobs
-                    )
-        elif self.kd_alpha > 0 and model.training:
-            raise RuntimeError(
-                "word_kd found no teacher distributions in the sample: "
-                "use --task translation_kd with --teacher-path or --teacher-topk"
-            )
         # (validation of a split without a top-k store: label-smoothed CE only)
         sample_size = (
             sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
@@ -387,6 +404,69 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["n_correct"] = utils.item(n_correct.data)
             logging_output["total"] = utils.item(total.data)
         return loss, sample_size, logging_output
+
+    def _shares_gather(self, teacher):
+        """Whether both loss terms can read the student through one gather.
+
+        True for a top-k teacher (``indices`` present) with forward KL at
+        T = 1, no token selection and no ignored prefix: the NLL's target ids
+        and the teacher's ids are then gathered together, so the backward
+        pass scatters into one dense ``B x T x V`` gradient instead of two.
+        """
+        return (
+            self.share_gather
+            and teacher is not None
+            and teacher.get("indices") is not None
+            and self.kd_temperature == 1.0
+            and self.kd_divergence == "forward_kl"
+            and self.kd_selection == "none"
+            and self.ignore_prefix_size == 0
+        )
+
+    def compute_losses_one_gather(self, lprobs, model, net_output, sample, teacher):
+        """Label-smoothed NLL and forward-KL term from a single gather.
+
+        The same values as :meth:`compute_loss_from_lprobs` followed by
+        :meth:`compute_kd_loss` (checked in the tests), for the cases that
+        :meth:`_shares_gather` accepts.
+
+        Args:
+            lprobs: the student's log-probabilities, ``B x T x V``.
+            model: the student.
+            net_output: the student's output on ``sample``.
+            sample: the mini-batch.
+            teacher: ``{"lprobs": B x T x S, "indices": B x T x S}``.
+
+        Returns:
+            ``(label-smoothed loss, nll_loss, kd_loss)``, each summed.
+        """
+        target = model.get_targets(sample, net_output)  # B x T
+        teacher_lprobs, indices = teacher["lprobs"], teacher["indices"]
+        if teacher_lprobs.shape[:2] != target.shape:
+            raise RuntimeError(
+                f"teacher distributions cover {tuple(teacher_lprobs.shape[:2])} "
+                f"positions but the target has {tuple(target.shape)}"
+            )
+        vocab, support = lprobs.size(-1), teacher_lprobs.size(-1)
+        lprobs = lprobs.reshape(-1, vocab)  # N x V
+        target = target.reshape(-1, 1)  # N x 1
+        teacher_lprobs, indices = restrict_topk(
+            teacher_lprobs.reshape(-1, support),
+            indices.reshape(-1, support),
+            self.kd_topk,
+        )  # N x K
+        ids = torch.cat([target, indices.to(target.dtype)], dim=-1)  # N x 1+K
+        gathered = lprobs.gather(-1, ids)
+        pad_mask = target.eq(self.padding_idx)  # N x 1
+        # fairseq's label_smoothed_nll_loss, term for term
+        nll_loss = (-gathered[:, :1]).masked_fill(pad_mask, 0.0).sum()
+        smooth_loss = (-lprobs.sum(dim=-1, keepdim=True)).masked_fill(pad_mask, 0.0)
+        eps_i = self.eps / (vocab - 1)
+        loss = (1.0 - self.eps - eps_i) * nll_loss + eps_i * smooth_loss.sum()
+        logq = teacher_log_distribution(teacher_lprobs, 1.0)  # N x K
+        kl = forward_kl(logq, at_least_float32(gathered[:, 1:]))  # N
+        kd_loss = kl.masked_fill(pad_mask.squeeze(-1), 0.0).sum()
+        return loss, nll_loss, kd_loss
 
     def compute_loss_from_lprobs(self, lprobs, model, net_output, sample, reduce=True):
         """fairseq's label-smoothed NLL, from already normalised ``lprobs``.
