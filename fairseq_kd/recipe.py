@@ -22,10 +22,12 @@ stages below, built by :func:`build_plan` and run by
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +55,24 @@ EVAL_BEAMS = (1, 5)
 #: "seqkd-top" the teacher's best beam hypothesis (sequence-level KD),
 #: "seqkd-bleu" the n-best entry closest to the reference (Seq-Inter).
 SEQKD_SELECT = {"seqkd-top": "top", "seqkd-bleu": "bleu"}
+
+
+def transformer_arch(enc, dec, dim, ffn, heads):
+    """``fairseq-train`` flags of a transformer's sizes (for presets).
+
+    Args:
+        enc: encoder layers.
+        dec: decoder layers.
+        dim: embedding dimension of encoder and decoder.
+        ffn: feed-forward dimension.
+        heads: attention heads.
+    """
+    return [
+        "--encoder-layers", enc, "--decoder-layers", dec,
+        "--encoder-embed-dim", dim, "--decoder-embed-dim", dim,
+        "--encoder-ffn-embed-dim", ffn, "--decoder-ffn-embed-dim", ffn,
+        "--encoder-attention-heads", heads, "--decoder-attention-heads", heads,
+    ]  # fmt: skip
 
 
 @dataclass
@@ -90,18 +110,21 @@ ROWS = [
         "word-KD, selective (batch, r=0.5)",
         kd="offline",
         flags=("--kd-selection", "batch", "--kd-selection-ratio", "0.5"),
+        enabled=False,
     ),
     Row(
         "selective-global",
         "word-KD, selective (global, r=0.5)",
         kd="offline",
         flags=("--kd-selection", "global", "--kd-selection-ratio", "0.5"),
+        enabled=False,
     ),
     Row(
         "word-kd-js",
         "word-KD, Jensen-Shannon",
         kd="offline",
         flags=("--kd-divergence", "js"),
+        enabled=False,
     ),
 ]
 
@@ -322,8 +345,6 @@ def assemble_distilled(distill_dir, bin_dir, dest, src, tgt):
         src: source language.
         tgt: target language.
     """
-    import shutil
-
     os.makedirs(dest, exist_ok=True)
     pair = f"{src}-{tgt}"
     for lang in (src, tgt):
@@ -440,13 +461,64 @@ def compute_scores(ctx, models, out_path):
                     "bleu": s["bleu"],
                 }
         scores["models"][name] = entry
+    scores["seqkd"] = seqkd_summaries(work)
+    scores["stage_seconds"] = stage_seconds(os.path.join(work, "stamps"))
     pipeline.write_json(out_path, scores)
+
+
+#: What the results keep of a ``fairseq-kd-distill`` summary.
+SEQKD_SUMMARY_KEYS = (
+    "engines",
+    "sentences",
+    "output_pairs",
+    "generation_seconds",
+    "sentences_per_second",
+    "filtered",
+    "dropped",
+    "replaced",
+    "not_top",
+    "mean_sentence_bleu_chosen",
+    "mean_sentence_bleu_top",
+    "corpus_bleu_chosen",
+)
+
+
+def seqkd_summaries(work):
+    """The distillation summaries of the seq-KD corpora that exist, by selection.
+
+    Args:
+        work: the recipe's work folder.
+    """
+    out = {}
+    for select in SEQKD_SELECT.values():
+        path = os.path.join(work, "seqkd", select, "train.summary.json")
+        if os.path.exists(path):
+            summary = read_json(path)
+            out[select] = {k: summary.get(k) for k in SEQKD_SUMMARY_KEYS}
+    return out
+
+
+def stage_seconds(stamp_dir):
+    """Wall time of the run that made each stage's outputs, from its stamp.
+
+    Args:
+        stamp_dir: the pipeline's stamp folder.
+
+    Returns:
+        ``{stage: seconds}`` in the order the stages finished.
+    """
+    stamps = []
+    if os.path.isdir(stamp_dir):
+        for name in os.listdir(stamp_dir):
+            if name.endswith(".json"):
+                stamp = read_json(os.path.join(stamp_dir, name))
+                if "seconds" in stamp:
+                    stamps.append((stamp.get("finished", ""), stamp["stage"], stamp))
+    return {stage: stamp["seconds"] for _, stage, stamp in sorted(stamps)}
 
 
 def read_json(path):
     """Read a JSON file."""
-    import json
-
     with open(path) as f:
         return json.load(f)
 
@@ -704,19 +776,38 @@ def build_plan(ds, args):
     # sequence-level KD corpora ------------------------------------------------
     train_data = {"ref": data_bin}
     needed = {r.data for r in rows}
+    # seq-KD and Seq-Inter select from the same n-best lists: seqkd:top runs
+    # the teacher's beam search into WORK/seqkd/nbest (fairseq-kd-distill's
+    # --work-dir); seqkd:bleu finds every chunk translated there and only
+    # selects, filters and writes its corpus
+    nbest_dir = j(work, "seqkd", "nbest")
+    distill_engine = []
+    if preset.get("distill_engine", "fairseq") == "ctranslate2":
+        if ct2_available():
+            distill_engine = ["--engine", "ctranslate2"]
+            distill_engine += ["--threads", str(preset.get("distill_threads", 0))]
+        else:
+            logger.warning(
+                "ctranslate2 is not installed: the seq-KD corpora are translated "
+                "with fairseq's generator instead (pip install -e '.[ct2]')"
+            )
     for source, select in SEQKD_SELECT.items():
-        if source not in needed:
+        if source not in needed and not (
+            select == "top" and needed & set(SEQKD_SELECT)
+        ):
             continue
         out_dir = j(work, "seqkd", select)
-        data_dir = j(out_dir, "data")
-        train_data[source] = data_dir
+        train_data[source] = j(out_dir, "data")
 
         def seqkd_steps(tmp, out_dir=out_dir, select=select):
             out = tmp(out_dir)
+            nbest = tmp(nbest_dir) if select == "top" else nbest_dir
             return [
                 Command(
                     ["fairseq-kd-distill", data_bin, "--path", teacher]
                     + ["--gen-subset", "train", "--output", out]
+                    + ["--work-dir", nbest]
+                    + distill_engine
                     + [
                         "--beam",
                         preset["distill_beam"],
@@ -728,11 +819,12 @@ def build_plan(ds, args):
                     + ["--max-tokens", preset["tool_max_tokens"]]
                     + list(preset.get("distill_extra", ()))
                     + device,
-                    describe="the teacher's beam search over train, "
-                    + (
-                        "its best hypothesis (seq-KD)"
+                    describe=(
+                        "the teacher's beam search over train, its best "
+                        "hypothesis (seq-KD)"
                         if select == "top"
-                        else "the n-best entry closest to the reference (Seq-Inter)"
+                        else "the n-best entry closest to the reference (Seq-Inter),"
+                        " from the n-best lists seqkd:top translated"
                     ),
                     show=("sentences/s", "summary"),
                 ),
@@ -749,8 +841,8 @@ def build_plan(ds, args):
         stages.append(
             Stage(
                 f"seqkd:{select}",
-                outputs=[out_dir],
-                inputs=[data_bin, teacher],
+                outputs=[out_dir] + ([nbest_dir] if select == "top" else []),
+                inputs=[data_bin, teacher] + ([nbest_dir] if select != "top" else []),
                 params={
                     "beam": preset["distill_beam"],
                     "nbest": preset["distill_nbest"],
@@ -758,6 +850,7 @@ def build_plan(ds, args):
                     "extra": list(preset.get("distill_extra", ())),
                     "max_tokens": preset["tool_max_tokens"],
                     "distill_bin": DISTILL_BIN,
+                    "engine": distill_engine,
                 },
                 steps=seqkd_steps,
                 group="seqkd",

@@ -114,7 +114,7 @@ def build_results(scores, meta):
     results = {
         k: v for k, v in meta.items() if k not in ("rows",)
     }  # corpus, pair, preset, command, settings, reference...
-    for key in ("date", "machine", "versions", "eval_sets"):
+    for key in ("date", "machine", "versions", "eval_sets", "seqkd", "stage_seconds"):
         if key in scores:
             results[key] = scores[key]
     results["signatures"] = {
@@ -320,9 +320,67 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
         f"{settings.get('kd_temperature', '?')}, teacher top-"
         f"{settings.get('topk', '?')} (offline store and live alike)",
     ]
+    out += seqkd_section(results.get("seqkd"))
+    out += stages_section(results.get("stage_seconds"))
     if results.get("reference"):
         out += ["", "## Published numbers to compare with", "", results["reference"]]
     return "\n".join(out) + "\n"
+
+
+def seqkd_section(seqkd):
+    """Markdown lines on the seq-KD corpora (empty without any).
+
+    Args:
+        seqkd: ``{selection: distill summary subset}``.
+    """
+    if not seqkd:
+        return []
+    out = [
+        "",
+        "## Sequence-level KD corpora",
+        "",
+        "The teacher's beam search over the training split "
+        "(`fairseq-kd-distill`); one n-best list per sentence serves both "
+        "selections. Sentence-BLEU: sacreBLEU's, of the chosen hypothesis "
+        "against the reference, averaged over sentences.",
+        "",
+        "| selection | engine | sentences | sentences/s | degenerate (replaced by "
+        "the reference) | not the teacher's best | mean sentence-BLEU chosen / "
+        "teacher's best | corpus BLEU of the corpus |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for select, s in seqkd.items():
+        filtered = ", ".join(f"{k} {v}" for k, v in (s.get("filtered") or {}).items())
+        out.append(
+            f"| {select} | {', '.join(s.get('engines') or [])} | "
+            f"{s.get('sentences')} | {s.get('sentences_per_second')} | "
+            f"{filtered} ({s.get('replaced')}) | {s.get('not_top')} | "
+            f"{s.get('mean_sentence_bleu_chosen')} / {s.get('mean_sentence_bleu_top')}"
+            f" | {s.get('corpus_bleu_chosen')} |"
+        )
+    return out
+
+
+def stages_section(seconds):
+    """Markdown lines on the wall time per stage (empty without stamps).
+
+    Args:
+        seconds: ``{stage: seconds}`` of the runs that made the outputs.
+    """
+    if not seconds:
+        return []
+    total = sum(seconds.values())
+    cells = ", ".join(
+        f"{name} {t:.0f} s" if t < 90 else f"{name} {_duration(t)}"
+        for name, t in seconds.items()
+    )
+    return [
+        "",
+        "## Time per stage",
+        "",
+        f"Wall time of the run that made each stage's outputs (the `score` and "
+        f"`table` stages excluded): {cells}; **total {_duration(total)}**.",
+    ]
 
 
 def plot(results, path):

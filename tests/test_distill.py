@@ -415,3 +415,28 @@ def test_ctranslate2_engine_writes_the_same_corpus(data_bin, teacher, tmp_path):
     # two implementations of beam search: allow rare near-tie differences
     assert sum(a == b for a, b in zip(ct2, fs)) >= 0.9 * len(fs)
     assert decode_bin(out / "bin", "valid", "tgt") == ct2
+
+
+@pytest.mark.slow
+def test_runs_sharing_a_work_dir_share_their_translations(data_bin, teacher, tmp_path):
+    # the recipe's seqkd:top and seqkd:bleu: one beam search, two selections
+    shared = tmp_path / "nbest"
+    common = ["--gen-subset", "valid", "--nbest", 5, "--work-dir", shared]
+    top = run_distill(data_bin, teacher, tmp_path / "top", *common)
+    bleu = run_distill(
+        data_bin, teacher, tmp_path / "bleu", *common, "--select", "bleu"
+    )
+    assert top["this_process"]["sentences"] == top["sentences"] > 0
+    assert bleu["this_process"]["sentences"] == 0  # nothing translated again
+    run_distill(
+        data_bin, teacher, tmp_path / "alone", "--gen-subset", "valid",
+        "--nbest", 5, "--select", "bleu",
+    )  # fmt: skip
+    assert read_lines(tmp_path / "bleu" / "valid.tgt") == read_lines(
+        tmp_path / "alone" / "valid.tgt"
+    )
+    assert bleu["not_top"] > 0  # the two selections differ
+    with pytest.raises(DistillError, match="beam: recorded 5, now 3"):
+        run_distill(
+            data_bin, teacher, tmp_path / "b3", *common, "--beam", 3, "--nbest", 3
+        )

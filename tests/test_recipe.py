@@ -369,7 +369,10 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path, capsys):
     data = fake_multi30k(str(tmp_path / "raw"), "de", "en")
     ds = load_recipe("multi30k")
     work = tmp_path / "w"
-    recipe.main(ds, ["--data", data, "--work", str(work), "--dry-run"])
+    every_row = ",".join(r.name for r in recipe.ROWS)  # the opt-in rows as well
+    recipe.main(
+        ds, ["--data", data, "--work", str(work), "--dry-run", "--rows", every_row]
+    )
     text = capsys.readouterr().out
     assert not work.exists()
     for tool in ("fairseq-preprocess", "fairseq-train", "fairseq-generate"):
@@ -380,9 +383,11 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path, capsys):
     assert "--teacher-path $WORK/models/teacher/checkpoint_last.pt" in text
     assert "--kd-selection global --kd-selection-ratio 0.5" in text
     assert "--kd-divergence js" in text
-    assert text.count("fairseq-generate ") == 4 * (
-        1 + sum(r.enabled for r in recipe.ROWS)
-    )
+    assert text.count("fairseq-generate ") == 4 * (1 + len(recipe.ROWS))
+    # one beam search over train serves seq-KD and Seq-Inter
+    distills = [line for line in text.splitlines() if "fairseq-kd-distill " in line]
+    assert len(distills) == 2
+    assert all("--work-dir $WORK/seqkd/nbest" in line for line in distills)
 
 
 def test_run_sh_lists_stages(tmp_path):
@@ -533,6 +538,20 @@ def hand_made_scores():
         "date": "2026-01-01 00:00",
         "machine": {"cpu": "test cpu", "cores": 2, "torch_threads": 2},
         "versions": {"torch": "x"},
+        "seqkd": {
+            "top": {
+                "engines": ["ctranslate2"],
+                "sentences": 100,
+                "sentences_per_second": 12.5,
+                "filtered": {"too_long": 0, "empty": 1, "repeat": 7},
+                "replaced": 8,
+                "not_top": 0,
+                "mean_sentence_bleu_chosen": 31.25,
+                "mean_sentence_bleu_top": 31.25,
+            },
+            "bleu": {"not_top": 41, "mean_sentence_bleu_chosen": 38.5},
+        },
+        "stage_seconds": {"binarize": 20.0, "teacher": 2400.0, "student:a": 95.0},
     }
 
 
@@ -571,6 +590,12 @@ def test_results_table_goals_and_plot_from_hand_made_scores(tmp_path):
     assert "seq-kd" in goals["every KD student bea"]["detail"]
     assert goals["the best KD student "]["met"]  # word-kd: +3.5
     assert "+3.50" in goals["the best KD student "]["detail"]
+    text = open(paths["markdown"]).read()
+    assert (
+        "| top | ctranslate2 | 100 | 12.5 | too_long 0, empty 1, repeat 7 (8) |" in text
+    )
+    assert "| bleu |" in text and "| 41 | 38.5 / None |" in text
+    assert "binarize 20 s, teacher 40 min, student:a 2 min; **total 42 min**" in text
     best = goals["the best student (ch"]
     assert best["met"] and "word-kd: 95.7%" in best["detail"]  # 33.5 / 35
 

@@ -79,15 +79,6 @@ def fetch(dest, src, tgt):
         write_pairs(dest, split, src, tgt, data)
 
 
-def _arch(enc, dec, dim, ffn, heads):
-    return [
-        "--encoder-layers", enc, "--decoder-layers", dec,
-        "--encoder-embed-dim", dim, "--decoder-embed-dim", dim,
-        "--encoder-ffn-embed-dim", ffn, "--decoder-ffn-embed-dim", ffn,
-        "--encoder-attention-heads", heads, "--decoder-attention-heads", heads,
-    ]  # fmt: skip
-
-
 PRESETS = {
     # One GPU. Teacher: transformer_iwslt_de_en's sizes (6+6 layers, d512,
     # FFN 1024, 4 heads) with fairseq's IWSLT'14 optimisation settings;
@@ -96,7 +87,7 @@ PRESETS = {
         "vocab": 10000,
         "limits": None,
         "device": ["--fp16"],
-        "teacher_arch": _arch(6, 6, 512, 1024, 4),
+        "teacher_arch": recipe.transformer_arch(6, 6, 512, 1024, 4),
         "teacher_train": {
             "updates": 40000,
             "lr": "5e-4",
@@ -104,7 +95,7 @@ PRESETS = {
             "max_tokens": 4096,
             "dropout": 0.3,
         },
-        "student_arch": _arch(6, 1, 256, 1024, 4),
+        "student_arch": recipe.transformer_arch(6, 1, 256, 1024, 4),
         "student_train": {
             "updates": 30000,
             "lr": "7e-4",

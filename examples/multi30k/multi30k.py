@@ -14,15 +14,6 @@ from fairseq_kd import pipeline, recipe
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _arch(enc, dec, dim, ffn, heads):
-    return [
-        "--encoder-layers", enc, "--decoder-layers", dec,
-        "--encoder-embed-dim", dim, "--decoder-embed-dim", dim,
-        "--encoder-ffn-embed-dim", ffn, "--decoder-ffn-embed-dim", ffn,
-        "--encoder-attention-heads", heads, "--decoder-attention-heads", heads,
-    ]  # fmt: skip
-
-
 PRESETS = {
     # The whole pipeline in <= 90 min on 2 CPU cores. Budget, from the speeds
     # measured in ../shared/TOOLCHAIN.md (teacher 3+3 d256: ~1.5 s/update at
@@ -45,7 +36,7 @@ PRESETS = {
         "vocab": 8000,
         "limits": None,
         "device": ["--cpu"],
-        "teacher_arch": _arch(3, 3, 256, 1024, 4),
+        "teacher_arch": recipe.transformer_arch(3, 3, 256, 1024, 4),
         "teacher_train": {
             "updates": 800,
             "lr": "1e-3",
@@ -55,9 +46,9 @@ PRESETS = {
         },
         # one student architecture for every row: deep-ish encoder, one decoder
         # layer (decoding speed is dominated by the decoder)
-        "student_arch": _arch(3, 1, 128, 512, 4),
+        "student_arch": recipe.transformer_arch(3, 1, 128, 512, 4),
         "student_train": {
-            "updates": 450,
+            "updates": 400,
             "lr": "1.5e-3",
             "warmup": 150,
             "max_tokens": 4096,
@@ -72,6 +63,9 @@ PRESETS = {
         "distill_nbest": 5,
         # bound the teacher's output length: runaway loops cost time and data
         "distill_extra": ["--max-len-a", "1.2", "--max-len-b", "10"],
+        # the teacher's beam search over train through CTranslate2 (float32)
+        "distill_engine": "ctranslate2",
+        "distill_threads": 2,
         "gen_batch_size": 128,
         "gen_cpu": True,
     },
@@ -82,7 +76,7 @@ PRESETS = {
         "vocab": 8000,
         "limits": None,
         "device": ["--fp16"],
-        "teacher_arch": _arch(6, 6, 512, 1024, 4),
+        "teacher_arch": recipe.transformer_arch(6, 6, 512, 1024, 4),
         "teacher_train": {
             "updates": 15000,
             "lr": "5e-4",
@@ -90,7 +84,7 @@ PRESETS = {
             "max_tokens": 4096,
             "dropout": 0.3,
         },
-        "student_arch": _arch(6, 1, 256, 1024, 4),
+        "student_arch": recipe.transformer_arch(6, 1, 256, 1024, 4),
         "student_train": {
             "updates": 10000,
             "lr": "7e-4",
@@ -114,7 +108,7 @@ PRESETS = {
         "vocab": 500,
         "limits": {"train": 1000, "valid": 50, "test": 50},
         "device": ["--cpu"],
-        "teacher_arch": _arch(1, 1, 64, 128, 2),
+        "teacher_arch": recipe.transformer_arch(1, 1, 64, 128, 2),
         "teacher_train": {
             "updates": 30,
             "lr": "3e-3",
@@ -122,7 +116,7 @@ PRESETS = {
             "max_tokens": 2048,
             "dropout": 0.1,
         },
-        "student_arch": _arch(1, 1, 32, 64, 2),
+        "student_arch": recipe.transformer_arch(1, 1, 32, 64, 2),
         "student_train": {
             "updates": 20,
             "lr": "3e-3",

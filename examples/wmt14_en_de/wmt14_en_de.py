@@ -85,15 +85,6 @@ def fetch(dest, src, tgt):
     write_pairs(dest, "test", src, tgt, zip(s, t))
 
 
-def _arch(enc, dec, dim, ffn, heads):
-    return [
-        "--encoder-layers", enc, "--decoder-layers", dec,
-        "--encoder-embed-dim", dim, "--decoder-embed-dim", dim,
-        "--encoder-ffn-embed-dim", ffn, "--decoder-ffn-embed-dim", ffn,
-        "--encoder-attention-heads", heads, "--decoder-attention-heads", heads,
-    ]  # fmt: skip
-
-
 PRESETS = {
     # GPUs. Teacher: Transformer base (6+6, d512, FFN 2048, 8 heads), 25k
     # tokens per update as in Vaswani et al. (4096 x update-freq 6 on one GPU;
@@ -102,7 +93,7 @@ PRESETS = {
         "vocab": 32000,
         "limits": None,
         "device": ["--fp16"],
-        "teacher_arch": _arch(6, 6, 512, 2048, 8),
+        "teacher_arch": recipe.transformer_arch(6, 6, 512, 2048, 8),
         "teacher_train": {
             "updates": 100000,
             "lr": "7e-4",
@@ -111,7 +102,7 @@ PRESETS = {
             "update_freq": 6,
             "dropout": 0.1,
         },
-        "student_arch": _arch(6, 1, 512, 2048, 8),
+        "student_arch": recipe.transformer_arch(6, 1, 512, 2048, 8),
         "student_train": {
             "updates": 60000,
             "lr": "7e-4",
