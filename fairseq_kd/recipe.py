@@ -498,23 +498,26 @@ def seqkd_summaries(work):
     return out
 
 
-def stage_seconds(stamp_dir):
+def stage_seconds(stamp_dir, exclude=("score", "table")):
     """Wall time of the run that made each stage's outputs, from its stamp.
 
     Args:
         stamp_dir: the pipeline's stamp folder.
+        exclude: stages left out (the report's own, still running).
 
     Returns:
-        ``{stage: seconds}`` in the order the stages finished.
+        ``[[stage, seconds], ...]`` in the order the stages finished (a list:
+        the JSON files are written with sorted keys).
     """
     stamps = []
     if os.path.isdir(stamp_dir):
         for name in os.listdir(stamp_dir):
             if name.endswith(".json"):
                 stamp = read_json(os.path.join(stamp_dir, name))
-                if "seconds" in stamp:
+                if "seconds" in stamp and stamp.get("stage") not in exclude:
                     stamps.append((stamp.get("finished", ""), stamp["stage"], stamp))
-    return {stage: stamp["seconds"] for _, stage, stamp in sorted(stamps)}
+    stamps.sort(key=lambda x: (x[0], x[1]))
+    return [[stage, stamp["seconds"]] for _, stage, stamp in stamps]
 
 
 def read_json(path):

@@ -365,14 +365,15 @@ def stages_section(seconds):
     """Markdown lines on the wall time per stage (empty without stamps).
 
     Args:
-        seconds: ``{stage: seconds}`` of the runs that made the outputs.
+        seconds: ``[[stage, seconds], ...]`` of the runs that made the
+            outputs, in the order they finished.
     """
     if not seconds:
         return []
-    total = sum(seconds.values())
+    total = sum(t for _, t in seconds)
     cells = ", ".join(
         f"{name} {t:.0f} s" if t < 90 else f"{name} {_duration(t)}"
-        for name, t in seconds.items()
+        for name, t in seconds
     )
     return [
         "",

@@ -551,7 +551,7 @@ def hand_made_scores():
             },
             "bleu": {"not_top": 41, "mean_sentence_bleu_chosen": 38.5},
         },
-        "stage_seconds": {"binarize": 20.0, "teacher": 2400.0, "student:a": 95.0},
+        "stage_seconds": [["binarize", 20.0], ["teacher", 2400.0], ["student:a", 95.0]],
     }
 
 
@@ -676,3 +676,20 @@ def test_plugin_tools_are_console_scripts_of_this_package():
     if missing:
         pytest.skip(f"not in setup.py yet (issues 3 and 4): {', '.join(missing)}")
     assert all(t in installed_commands() for t in recipe.PLUGIN_TOOLS)
+
+
+def test_stage_seconds_follow_the_order_the_stages_finished(tmp_path):
+    for stage, finished, seconds in (
+        ("a-last", "2026-01-01 10:00:03", 3.0),
+        ("z-first", "2026-01-01 10:00:01", 1.0),
+        ("m-second", "2026-01-01 10:00:02", 2.0),
+        ("score", "2026-01-01 10:00:04", 4.0),
+    ):
+        stamp = {"stage": stage, "finished": finished, "seconds": seconds}
+        (tmp_path / f"{stage}.json").write_text(json.dumps(stamp))
+    (tmp_path / "partial").mkdir()  # not a stamp
+    assert recipe.stage_seconds(str(tmp_path)) == [
+        ["z-first", 1.0],
+        ["m-second", 2.0],
+        ["a-last", 3.0],
+    ]
