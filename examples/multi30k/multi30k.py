@@ -15,23 +15,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 PRESETS = {
-    # The whole pipeline in <= 90 min on 2 CPU cores. Budget, from the speeds
-    # measured in ../shared/TOOLCHAIN.md (teacher 3+3 d256: ~1.5 s/update at
-    # 4096 tokens; student 3+1 d128: ~0.55 s/update; teacher beam 5 over the
-    # 29k training sentences: ~6 min):
-    #   normalise + sentencepiece + binarize                  ~0.5 min
-    #   teacher, 800 updates                                   ~20 min
-    #   seqkd:top and seqkd:bleu (beam 5, n-best 5), ~5 each   ~10 min
-    #   topk:ref, topk:seqkd-top, topk:seqkd-bleu (forward)     ~4 min
-    #   9 students x 450 updates (+ the live teacher's forward
-    #   passes for word-kd-live, ~4 min)                       ~41 min
-    #   translate 10 models x {test, val} x {greedy, beam 5}
-    #   (40 fairseq-generate runs, ~7 s start-up each)         ~8 min
-    #   ct2 (convert + translate test) x 10                    ~2 min
-    #   score + table                                          ~0.5 min
-    #   total                                                  ~86 min
-    # These are estimates from TOOLCHAIN.md, not yet measured end to end:
-    # after the first full run, adjust the update counts so that it fits.
+    # Meant to run the whole pipeline in <= 90 min on 2 CPU cores; measured on
+    # this project's 2-core machine (RESULTS.md, "Time per stage") it takes
+    # 2 h 01 min:
+    #   normalise + sentencepiece + binarize                    0.5 min
+    #   teacher, 800 updates (~3.0 s/update)                     41 min
+    #   seqkd:top (CTranslate2, beam 5, n-best 5, 29k sents)      7 min
+    #   seqkd:bleu (selection from the same n-best lists)         1 min
+    #   topk:ref, topk:seqkd-top, topk:seqkd-bleu                10 min
+    #   6 students x 400 updates (~1.2 s/update; live: 2.8)      55 min
+    #   translate 7 models x {test, val} x {greedy, beam 5}       6 min
+    #   ct2 (convert + translate test) x 7                        1 min
+    # Fitting 90 min needs ~30 min less training, e.g. a 500-update teacher
+    # and 300-update students (not run: BLEU would drop with them).
     "cpu": {
         "vocab": 8000,
         "limits": None,
