@@ -12,6 +12,8 @@ stages below, built by :func:`build_plan` and run by
     binarize           fairseq-preprocess --joined-dictionary -> WORK/bin
     teacher            fairseq-train -> WORK/models/teacher
     seqkd:top|bleu     fairseq-kd-distill (teacher's best / Seq-Inter) -> WORK/seqkd/*
+    seqkd:engines      fairseq's generator vs CTranslate2 on a head of train
+                       (presets with ``distill_compare``) -> WORK/seqkd/engines
     topk:SOURCE        fairseq-kd-dump-topk over each training corpus -> WORK/topk/*
     student:ROW        fairseq-train, one per row of the table -> WORK/models/ROW
     translate:MODEL    fairseq-generate, greedy and beam 5, test and valid
@@ -417,6 +419,65 @@ def ct2_translate(
         )
 
 
+def head_lines(src_file, dest_file, n):
+    """Write the first ``n`` lines of ``src_file`` to ``dest_file``.
+
+    Raises:
+        ValueError: the file has fewer than ``n`` lines.
+    """
+    lines = pipeline.read_lines(src_file)
+    if len(lines) < n:
+        raise ValueError(f"{src_file} has {len(lines)} lines, fewer than {n}")
+    pipeline.write_lines(dest_file, lines[:n])
+
+
+def compare_engines(runs, split, tgt, out_path):
+    """Speed and agreement of ``fairseq-kd-distill`` engines on one corpus.
+
+    Args:
+        runs: ``{engine: the --output folder of a run with that engine}``; the
+            first is the reference the others are compared with.
+        split: the distilled split.
+        tgt: target language (``OUTPUT/<split>.<tgt>`` is compared line by line).
+        out_path: the JSON file to write.
+
+    Returns:
+        ``{"sentences", "engines": {engine: {"sentences_per_second",
+        "generation_seconds"}}, "speedup": {engine: ratio to the first},
+        "identical_lines": {engine: lines equal to the first's}}``.
+
+    Raises:
+        RuntimeError: the runs distilled different numbers of sentences.
+    """
+    engines, lines = {}, {}
+    for engine, folder in runs.items():
+        summary = read_json(os.path.join(folder, f"{split}.summary.json"))
+        engines[engine] = {
+            "sentences_per_second": summary["sentences_per_second"],
+            "generation_seconds": summary["generation_seconds"],
+        }
+        lines[engine] = pipeline.read_lines(os.path.join(folder, f"{split}.{tgt}"))
+    first = next(iter(runs))
+    counts = {e: len(x) for e, x in lines.items()}
+    if len(set(counts.values())) != 1:
+        raise RuntimeError(f"the engines distilled different line counts: {counts}")
+    out = {
+        "sentences": counts[first],
+        "engines": engines,
+        "speedup": {
+            e: round(
+                v["sentences_per_second"] / engines[first]["sentences_per_second"], 2
+            )
+            for e, v in engines.items()
+        },
+        "identical_lines": {
+            e: sum(a == b for a, b in zip(lines[first], x)) for e, x in lines.items()
+        },
+    }
+    pipeline.write_json(out_path, out)
+    return out
+
+
 def compute_scores(ctx, models, out_path):
     """Score every translation; gather parameters and training times.
 
@@ -462,6 +523,9 @@ def compute_scores(ctx, models, out_path):
                 }
         scores["models"][name] = entry
     scores["seqkd"] = seqkd_summaries(work)
+    engines = os.path.join(work, "seqkd", "engines", "engines.json")
+    if os.path.exists(engines):
+        scores["seqkd_engines"] = read_json(engines)
     scores["stage_seconds"] = stage_seconds(os.path.join(work, "stamps"))
     pipeline.write_json(out_path, scores)
 
@@ -861,6 +925,87 @@ def build_plan(ds, args):
             )
         )
 
+    # the two distillation engines side by side on the first sentences of train
+    n_compare = preset.get("distill_compare")
+    engines_json = None
+    if distill_engine and n_compare:
+        engines_dir = j(work, "seqkd", "engines")
+        engines_json = j(engines_dir, "engines.json")
+        compare_flags = (
+            ["--beam", preset["distill_beam"], "--nbest", preset["distill_nbest"]]
+            + ["--select", "top", "--post-process", post_process_symbol(args.subword)]
+            + ["--max-tokens", preset["tool_max_tokens"]]
+            + list(preset.get("distill_extra", ()))
+            + device
+        )
+        runs = {"fairseq": ["--engine", "fairseq"], "ctranslate2": distill_engine}
+
+        def engines_steps(tmp, out_dir=engines_dir):
+            out = tmp(out_dir)
+            head = j(out, "head")
+            steps = [mkdir_step(head)]
+            for lang in (src, tgt):
+                steps.append(
+                    PyStep(
+                        f"first {n_compare} lines of {j(sub, f'train.{lang}')}",
+                        lambda lang=lang: head_lines(
+                            j(sub, f"train.{lang}"),
+                            j(head, f"train.{lang}"),
+                            n_compare,
+                        ),
+                    )
+                )
+            steps.append(
+                Command(
+                    ["fairseq-preprocess", "--source-lang", src, "--target-lang", tgt]
+                    + ["--trainpref", j(head, "train"), "--destdir", j(out, "bin")]
+                    + ["--srcdict", j(data_bin, f"dict.{src}.txt")]
+                    + ["--tgtdict", j(data_bin, f"dict.{tgt}.txt")]
+                    + ["--workers", preset.get("workers", 2)]
+                )
+            )
+            for engine, flags in runs.items():
+                steps.append(
+                    Command(
+                        ["fairseq-kd-distill", j(out, "bin"), "--path", teacher]
+                        + ["--gen-subset", "train", "--output", j(out, engine)]
+                        + ["--work-dir", j(out, engine + ".work")]
+                        + flags
+                        + compare_flags,
+                        describe=f"the teacher's beam search over the first "
+                        f"{n_compare} train sentences with the {engine} engine",
+                        show=("sentences/s", "summary"),
+                    )
+                )
+            steps.append(
+                PyStep(
+                    f"compare the engines' speed and outputs -> "
+                    f"{j(out, 'engines.json')}",
+                    lambda: compare_engines(
+                        {e: j(out, e) for e in runs},
+                        "train",
+                        tgt,
+                        j(out, "engines.json"),
+                    ),
+                )
+            )
+            return steps
+
+        stages.append(
+            Stage(
+                "seqkd:engines",
+                outputs=[engines_dir],
+                inputs=[sub, data_bin, teacher],
+                params={
+                    "sentences": n_compare,
+                    "flags": compare_flags,
+                    "engines": runs,
+                },
+                steps=engines_steps,
+                group="seqkd",
+            )
+        )
+
     # teacher top-k stores, one per training corpus used with offline word-KD --
     stores = {}
     for source in sorted({r.data for r in rows if r.kd == "offline"}):
@@ -1023,6 +1168,7 @@ def build_plan(ds, args):
     score_inputs = [j(text, f"{s}.{tgt}") for s in ctx["eval_sets"]]
     score_inputs += [j(work, "translations", n) for n in models] + ct2_dirs
     score_inputs += list(models.values())
+    score_inputs += [engines_json] if engines_json else []
     score_inputs += [j(os.path.dirname(c), "train_time.json") for c in models.values()]
     stages.append(
         Stage(

@@ -114,7 +114,15 @@ def build_results(scores, meta):
     results = {
         k: v for k, v in meta.items() if k not in ("rows",)
     }  # corpus, pair, preset, command, settings, reference...
-    for key in ("date", "machine", "versions", "eval_sets", "seqkd", "stage_seconds"):
+    for key in (
+        "date",
+        "machine",
+        "versions",
+        "eval_sets",
+        "seqkd",
+        "seqkd_engines",
+        "stage_seconds",
+    ):
         if key in scores:
             results[key] = scores[key]
     results["signatures"] = {
@@ -321,6 +329,7 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
         f"{settings.get('topk', '?')} (offline store and live alike)",
     ]
     out += seqkd_section(results.get("seqkd"))
+    out += engines_section(results.get("seqkd_engines"))
     out += stages_section(results.get("stage_seconds"))
     if results.get("reference"):
         out += ["", "## Published numbers to compare with", "", results["reference"]]
@@ -357,6 +366,34 @@ def seqkd_section(seqkd):
             f"{filtered} ({s.get('replaced')}) | {s.get('not_top')} | "
             f"{s.get('mean_sentence_bleu_chosen')} / {s.get('mean_sentence_bleu_top')}"
             f" | {s.get('corpus_bleu_chosen')} |"
+        )
+    return out
+
+
+def engines_section(engines):
+    """Markdown lines on fairseq's generator against CTranslate2 (empty without).
+
+    Args:
+        engines: what :func:`fairseq_kd.recipe.compare_engines` wrote.
+    """
+    if not engines:
+        return []
+    n = engines["sentences"]
+    first = next(iter(engines["engines"]))
+    out = [
+        "",
+        f"The distillation engines side by side, the same teacher and beam search "
+        f"over the first {n} sentences of train (`fairseq-kd-distill --engine`, "
+        "stage `seqkd:engines`):",
+        "",
+        f"| engine | sentences/s | speed-up | distilled lines identical to {first}'s |",
+        "| --- | --- | --- | --- |",
+    ]
+    for engine, e in engines["engines"].items():
+        out.append(
+            f"| {engine} | {e['sentences_per_second']} | "
+            f"{engines['speedup'][engine]:.2f}× | "
+            f"{engines['identical_lines'][engine]} of {n} |"
         )
     return out
 

@@ -551,6 +551,18 @@ def hand_made_scores():
             },
             "bleu": {"not_top": 41, "mean_sentence_bleu_chosen": 38.5},
         },
+        "seqkd_engines": {
+            "sentences": 50,
+            "engines": {
+                "fairseq": {"sentences_per_second": 20.0, "generation_seconds": 2.5},
+                "ctranslate2": {
+                    "sentences_per_second": 78.0,
+                    "generation_seconds": 0.6,
+                },
+            },
+            "speedup": {"fairseq": 1.0, "ctranslate2": 3.9},
+            "identical_lines": {"fairseq": 50, "ctranslate2": 49},
+        },
         "stage_seconds": [["binarize", 20.0], ["teacher", 2400.0], ["student:a", 95.0]],
     }
 
@@ -596,6 +608,9 @@ def test_results_table_goals_and_plot_from_hand_made_scores(tmp_path):
     )
     assert "| bleu |" in text and "| 41 | 38.5 / None |" in text
     assert "binarize 20 s, teacher 40 min, student:a 2 min; **total 42 min**" in text
+    assert "over the first 50 sentences of train" in text
+    assert "| ctranslate2 | 78.0 | 3.90× | 49 of 50 |" in text
+    assert results["seqkd_engines"]["speedup"]["ctranslate2"] == 3.9
     best = goals["the best student (ch"]
     assert best["met"] and "word-kd: 95.7%" in best["detail"]  # 33.5 / 35
 
@@ -693,3 +708,76 @@ def test_stage_seconds_follow_the_order_the_stages_finished(tmp_path):
         ["m-second", 2.0],
         ["a-last", 3.0],
     ]
+
+
+def write_distilled(folder, lines, sentences_per_second):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "train.en"), "w") as f:
+        f.writelines(line + "\n" for line in lines)
+    summary = {"sentences_per_second": sentences_per_second, "generation_seconds": 2}
+    with open(os.path.join(folder, "train.summary.json"), "w") as f:
+        json.dump(summary, f)
+
+
+def test_engine_comparison_counts_identical_lines_and_the_speed_ratio(tmp_path):
+    ref = ["a b", "c d", "e f", "g"]
+    write_distilled(str(tmp_path / "fairseq"), ref, 20.0)
+    write_distilled(str(tmp_path / "ct2"), ["a b", "c x", "e f", "g"], 78.0)
+    runs = {"fairseq": str(tmp_path / "fairseq"), "ct2": str(tmp_path / "ct2")}
+    out = recipe.compare_engines(runs, "train", "en", str(tmp_path / "e.json"))
+    assert out["sentences"] == 4
+    assert out["identical_lines"] == {"fairseq": 4, "ct2": 3}
+    assert out["speedup"] == {"fairseq": 1.0, "ct2": 3.9}
+    assert json.loads((tmp_path / "e.json").read_text()) == out
+    write_distilled(str(tmp_path / "short"), ref[:3], 50.0)
+    runs["short"] = str(tmp_path / "short")
+    with pytest.raises(RuntimeError, match="different line counts"):
+        recipe.compare_engines(runs, "train", "en", str(tmp_path / "f.json"))
+
+
+def test_engine_comparison_stage_runs_both_engines_with_the_same_search(tmp_path):
+    if not recipe.ct2_available():
+        pytest.skip("ctranslate2 is not installed")
+    data = fake_multi30k(str(tmp_path / "raw"), "de", "en")
+    plan = plan_for("multi30k", ["--preset", "cpu", "--data", data, "--work", "w"])
+    (stage,) = [s for s in plan.stages if s.name == "seqkd:engines"]
+    names = [s.name for s in plan.stages]
+    assert names.index("teacher") < names.index("seqkd:engines") < names.index("score")
+    runs = [
+        s.argv
+        for s in stage.steps(partial)
+        if isinstance(s, Command) and s.argv[0] == "fairseq-kd-distill"
+    ]
+    assert len(runs) == 2
+
+    def without_engine(argv):
+        out, skip = [], 0
+        for i, arg in enumerate(map(str, argv)):
+            if skip:
+                skip -= 1
+            elif arg == "--engine":
+                skip = 1
+            elif arg == "--threads":
+                skip = 1
+            elif argv[i - 1] in ("--output", "--work-dir"):
+                out.append(os.path.dirname(arg))
+            else:
+                out.append(arg)
+        return out
+
+    assert without_engine(runs[0]) == without_engine(runs[1])
+    engines = [r[r.index("--engine") + 1] for r in runs]
+    assert engines == ["fairseq", "ctranslate2"]
+    head = [s for s in stage.steps(partial) if isinstance(s, PyStep)]
+    assert "first 2000 lines" in head[1].describe
+    assert plan.stages[-2].name == "score"
+    assert os.path.join(stage.outputs[0], "engines.json") in plan.stages[-2].inputs
+
+
+def test_head_lines_refuses_a_short_file(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("1\n2\n3\n")
+    recipe.head_lines(str(src), str(tmp_path / "b.txt"), 2)
+    assert (tmp_path / "b.txt").read_text() == "1\n2\n"
+    with pytest.raises(ValueError, match="fewer than 4"):
+        recipe.head_lines(str(src), str(tmp_path / "c.txt"), 4)

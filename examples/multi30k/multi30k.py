@@ -62,6 +62,8 @@ PRESETS = {
         # the teacher's beam search over train through CTranslate2 (float32)
         "distill_engine": "ctranslate2",
         "distill_threads": 2,
+        # and, to compare, fairseq's generator and CTranslate2 on 2,000 of them
+        "distill_compare": 2000,
         "gen_batch_size": 128,
         "gen_cpu": True,
     },
