@@ -59,6 +59,23 @@ def teacher_log_distribution(lprobs, temperature=1.0):
     return F.log_softmax(lprobs, dim=-1)
 
 
+def kl_terms(log_a, log_b):
+    """Element-wise terms of KL(a || b): ``a * (log a - log b)``, 0 where a = 0.
+
+    Args:
+        log_a: log-probabilities of the distribution the KL is taken under.
+        log_b: log-probabilities of the other one, same shape.
+
+    Returns:
+        The terms, same shape; summed over the support they give KL(a || b).
+        Where ``a`` is 0 the term is 0 by convention (``0 log 0 = 0``), even
+        when ``log b`` is ``-inf``.
+    """
+    a = log_a.exp()
+    terms = a * (log_a - log_b)
+    return torch.where(a > 0, terms, torch.zeros_like(terms))
+
+
 def forward_kl(teacher_logq, student_lprobs, indices=None):
     """Per-position KL(q_teacher || p_student).
 
@@ -76,10 +93,7 @@ def forward_kl(teacher_logq, student_lprobs, indices=None):
     """
     if indices is not None:
         student_lprobs = student_lprobs.gather(-1, indices)  # N x S
-    q = teacher_logq.exp()
-    terms = q * (teacher_logq - student_lprobs)
-    terms = torch.where(q > 0, terms, torch.zeros_like(terms))
-    return terms.sum(-1)
+    return kl_terms(teacher_logq, student_lprobs).sum(-1)
 
 
 def student_on_support(student_lprobs, indices=None):
@@ -118,10 +132,7 @@ def reverse_kl(teacher_logq, student_lprobs, indices=None):
         ``N`` non-negative divergences.
     """
     logp = student_on_support(student_lprobs, indices)  # N x S
-    p = logp.exp()
-    terms = p * (logp - teacher_logq)
-    terms = torch.where(p > 0, terms, torch.zeros_like(terms))
-    return terms.sum(-1)
+    return kl_terms(logp, teacher_logq).sum(-1)
 
 
 def jensen_shannon(teacher_logq, student_lprobs, indices=None):
@@ -143,11 +154,7 @@ def jensen_shannon(teacher_logq, student_lprobs, indices=None):
     """
     logp = student_on_support(student_lprobs, indices)  # N x S
     logm = torch.logaddexp(teacher_logq, logp) - math.log(2.0)  # N x S
-    q, p = teacher_logq.exp(), logp.exp()
-    zeros = torch.zeros_like(logm)
-    kl_qm = torch.where(q > 0, q * (teacher_logq - logm), zeros)
-    kl_pm = torch.where(p > 0, p * (logp - logm), zeros)
-    return 0.5 * (kl_qm + kl_pm).sum(-1)
+    return 0.5 * (kl_terms(teacher_logq, logm) + kl_terms(logp, logm)).sum(-1)
 
 
 DIVERGENCES = {

@@ -12,7 +12,12 @@ from fakes import FakeModel, FakeTask, make_dictionary, make_sample
 
 from fairseq_kd.checkpoints import teacher_log_probs
 from fairseq_kd.criterions.word_kd import WordKDCriterion
-from fairseq_kd.losses import forward_kl, restrict_topk, word_kd_divergence
+from fairseq_kd.losses import (
+    forward_kl,
+    kl_terms,
+    restrict_topk,
+    word_kd_divergence,
+)
 
 V_WORDS = 12  # + 4 special symbols
 
@@ -249,3 +254,13 @@ def test_kd_without_teacher_is_refused():
         WordKDCriterion(FakeTask(d, has_teacher=False), False, 0.1, kd_alpha=0.5)
     # alpha = 0 is plain label-smoothed cross-entropy: no teacher needed
     WordKDCriterion(FakeTask(d, has_teacher=False), False, 0.1, kd_alpha=0.0)
+
+
+def test_kl_terms_are_zero_where_the_first_distribution_has_no_mass():
+    log_a = torch.tensor([[0.0, float("-inf")], [math.log(0.25), math.log(0.75)]])
+    # row 0: where a = 0, log a - log b is -inf - (-inf) = nan; the term is 0
+    log_b = torch.tensor([[0.0, float("-inf")], [math.log(0.5), math.log(0.5)]])
+    terms = kl_terms(log_a, log_b)
+    assert torch.isfinite(terms).all() and terms[0].tolist() == [0.0, 0.0]
+    expected = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert terms[1].sum().item() == pytest.approx(expected, abs=1e-7)
