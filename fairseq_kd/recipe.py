@@ -442,9 +442,10 @@ def compare_engines(runs, split, tgt, out_path):
         out_path: the JSON file to write.
 
     Returns:
-        ``{"sentences", "engines": {engine: {"sentences_per_second",
-        "generation_seconds"}}, "speedup": {engine: ratio to the first},
-        "identical_lines": {engine: lines equal to the first's}}``.
+        ``{"sentences", "reference": the first engine, "engines": {engine:
+        {"sentences_per_second", "generation_seconds"}}, "speedup": {engine:
+        ratio to the reference}, "identical_lines": {engine: lines equal to
+        the reference's}}``.
 
     Raises:
         RuntimeError: the runs distilled different numbers of sentences.
@@ -463,6 +464,7 @@ def compare_engines(runs, split, tgt, out_path):
         raise RuntimeError(f"the engines distilled different line counts: {counts}")
     out = {
         "sentences": counts[first],
+        "reference": first,
         "engines": engines,
         "speedup": {
             e: round(

@@ -379,7 +379,8 @@ def engines_section(engines):
     if not engines:
         return []
     n = engines["sentences"]
-    first = next(iter(engines["engines"]))
+    first = engines["reference"]
+    order = [first] + sorted(e for e in engines["engines"] if e != first)
     out = [
         "",
         f"The distillation engines side by side, the same teacher and beam search "
@@ -389,7 +390,8 @@ def engines_section(engines):
         f"| engine | sentences/s | speed-up | distilled lines identical to {first}'s |",
         "| --- | --- | --- | --- |",
     ]
-    for engine, e in engines["engines"].items():
+    for engine in order:
+        e = engines["engines"][engine]
         out.append(
             f"| {engine} | {e['sentences_per_second']} | "
             f"{engines['speedup'][engine]:.2f}× | "

@@ -386,8 +386,12 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path, capsys):
     assert text.count("fairseq-generate ") == 4 * (1 + len(recipe.ROWS))
     # one beam search over train serves seq-KD and Seq-Inter
     distills = [line for line in text.splitlines() if "fairseq-kd-distill " in line]
+    compare = [line for line in distills if "$WORK/seqkd/engines" in line]
+    distills = [line for line in distills if line not in compare]
     assert len(distills) == 2
     assert all("--work-dir $WORK/seqkd/nbest" in line for line in distills)
+    # the engine comparison (cpu preset, where CTranslate2 is installed)
+    assert len(compare) == (2 if recipe.ct2_available() else 0)
 
 
 def test_run_sh_lists_stages(tmp_path):
@@ -432,8 +436,13 @@ def test_a_setting_change_reaches_only_the_stages_it_concerns(tmp_path):
         s.name: s.params
         for s in plan_for("multi30k", base + ["--subword", "bpe"]).stages
     }
-    # later stages see new inputs, not new settings; the table names the command
-    assert [n for n in a if a[n] != b[n]] == ["subword", "table"]
+    # later stages see new inputs, not new settings; the table names the command;
+    # the engine comparison detokenises with the subword model's own symbol
+    changed = ["subword", "table"]
+    if "seqkd:engines" in a:
+        changed.insert(1, "seqkd:engines")
+        assert "subword_nmt" in b["seqkd:engines"]["flags"]
+    assert [n for n in a if a[n] != b[n]] == changed
 
 
 @pytest.mark.parametrize("src,tgt", [("fr", "en"), ("en", "cs"), ("de", "en")])
@@ -553,6 +562,7 @@ def hand_made_scores():
         },
         "seqkd_engines": {
             "sentences": 50,
+            "reference": "fairseq",
             "engines": {
                 "fairseq": {"sentences_per_second": 20.0, "generation_seconds": 2.5},
                 "ctranslate2": {
@@ -609,7 +619,12 @@ def test_results_table_goals_and_plot_from_hand_made_scores(tmp_path):
     assert "| bleu |" in text and "| 41 | 38.5 / None |" in text
     assert "binarize 20 s, teacher 40 min, student:a 2 min; **total 42 min**" in text
     assert "over the first 50 sentences of train" in text
-    assert "| ctranslate2 | 78.0 | 3.90× | 49 of 50 |" in text
+    assert (
+        "| engine | sentences/s | speed-up | distilled lines identical to fairseq's |"
+        in text
+    )
+    fairseq_row = "| fairseq | 20.0 | 1.00× | 50 of 50 |"
+    assert fairseq_row + "\n| ctranslate2 | 78.0 | 3.90× | 49 of 50 |" in text
     assert results["seqkd_engines"]["speedup"]["ctranslate2"] == 3.9
     best = goals["the best student (ch"]
     assert best["met"] and "word-kd: 95.7%" in best["detail"]  # 33.5 / 35
@@ -725,7 +740,7 @@ def test_engine_comparison_counts_identical_lines_and_the_speed_ratio(tmp_path):
     write_distilled(str(tmp_path / "ct2"), ["a b", "c x", "e f", "g"], 78.0)
     runs = {"fairseq": str(tmp_path / "fairseq"), "ct2": str(tmp_path / "ct2")}
     out = recipe.compare_engines(runs, "train", "en", str(tmp_path / "e.json"))
-    assert out["sentences"] == 4
+    assert out["sentences"] == 4 and out["reference"] == "fairseq"
     assert out["identical_lines"] == {"fairseq": 4, "ct2": 3}
     assert out["speedup"] == {"fairseq": 1.0, "ct2": 3.9}
     assert json.loads((tmp_path / "e.json").read_text()) == out

@@ -15,19 +15,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 PRESETS = {
-    # Meant to run the whole pipeline in <= 90 min on 2 CPU cores; measured on
-    # this project's 2-core machine (RESULTS.md, "Time per stage") it takes
-    # 2 h 01 min:
-    #   normalise + sentencepiece + binarize                    0.5 min
-    #   teacher, 800 updates (~3.0 s/update)                     41 min
-    #   seqkd:top (CTranslate2, beam 5, n-best 5, 29k sents)      7 min
-    #   seqkd:bleu (selection from the same n-best lists)         1 min
-    #   topk:ref, topk:seqkd-top, topk:seqkd-bleu                10 min
-    #   6 students x 400 updates (~1.2 s/update; live: 2.8)      55 min
+    # The whole pipeline in <= 90 min on 2 CPU cores. Measured on this project's
+    # 2-core machine, idle (RESULTS.md, "Time per stage"): 1 h 05 min.
+    #   normalise + sentencepiece + binarize                    0.3 min
+    #   teacher, 800 updates (~1.6 s/update)                     21 min
+    #   seqkd:top (CTranslate2, beam 5, n-best 5, 29k sents)      4 min
+    #   seqkd:bleu (selection from the same n-best lists)       0.6 min
+    #   seqkd:engines (fairseq vs CTranslate2, 2k sents)        1.5 min
+    #   topk:ref, topk:seqkd-top, topk:seqkd-bleu               3.5 min
+    #   6 students x 400 updates (~0.55 s/update; live: 1.2)     27 min
     #   translate 7 models x {test, val} x {greedy, beam 5}       6 min
     #   ct2 (convert + translate test) x 7                        1 min
-    # Fitting 90 min needs ~30 min less training, e.g. a 500-update teacher
-    # and 300-update students (not run: BLEU would drop with them).
+    # With other jobs beside it the same settings took 2 h 01 min.
     "cpu": {
         "vocab": 8000,
         "limits": None,
