@@ -860,6 +860,17 @@ def build_plan(ds, args):
                 "ctranslate2 is not installed: the seq-KD corpora are translated "
                 "with fairseq's generator instead (pip install -e '.[ct2]')"
             )
+
+    def distill_flags(select):
+        """fairseq-kd-distill's search, selection and output flags."""
+        return (
+            ["--beam", preset["distill_beam"], "--nbest", preset["distill_nbest"]]
+            + ["--select", select, "--post-process", post_process_symbol(args.subword)]
+            + ["--max-tokens", preset["tool_max_tokens"]]
+            + list(preset.get("distill_extra", ()))
+            + device
+        )
+
     for source, select in SEQKD_SELECT.items():
         if source not in needed and not (
             select == "top" and needed & set(SEQKD_SELECT)
@@ -877,17 +888,7 @@ def build_plan(ds, args):
                     + ["--gen-subset", "train", "--output", out]
                     + ["--work-dir", nbest]
                     + distill_engine
-                    + [
-                        "--beam",
-                        preset["distill_beam"],
-                        "--nbest",
-                        preset["distill_nbest"],
-                    ]
-                    + ["--select", select]
-                    + ["--post-process", post_process_symbol(args.subword)]
-                    + ["--max-tokens", preset["tool_max_tokens"]]
-                    + list(preset.get("distill_extra", ()))
-                    + device,
+                    + distill_flags(select),
                     describe=(
                         "the teacher's beam search over train, its best "
                         "hypothesis (seq-KD)"
@@ -933,13 +934,7 @@ def build_plan(ds, args):
     if distill_engine and n_compare:
         engines_dir = j(work, "seqkd", "engines")
         engines_json = j(engines_dir, "engines.json")
-        compare_flags = (
-            ["--beam", preset["distill_beam"], "--nbest", preset["distill_nbest"]]
-            + ["--select", "top", "--post-process", post_process_symbol(args.subword)]
-            + ["--max-tokens", preset["tool_max_tokens"]]
-            + list(preset.get("distill_extra", ()))
-            + device
-        )
+        compare_flags = distill_flags("top")  # the search seqkd:top runs
         runs = {"fairseq": ["--engine", "fairseq"], "ctranslate2": distill_engine}
 
         def engines_steps(tmp, out_dir=engines_dir):

@@ -264,3 +264,12 @@ def test_kl_terms_are_zero_where_the_first_distribution_has_no_mass():
     assert torch.isfinite(terms).all() and terms[0].tolist() == [0.0, 0.0]
     expected = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
     assert terms[1].sum().item() == pytest.approx(expected, abs=1e-7)
+
+
+def test_teacher_distributions_must_cover_the_target_positions():
+    from fairseq_kd.criterions.word_kd import check_teacher_positions
+
+    target = torch.zeros(2, 5, dtype=torch.long)
+    check_teacher_positions(torch.zeros(2, 5, 8), target)
+    with pytest.raises(RuntimeError, match=r"cover \(2, 4\) positions .* \(2, 5\)"):
+        check_teacher_positions(torch.zeros(2, 4, 8), target)

@@ -188,6 +188,23 @@ def validate_word_kd_options(
     return alpha, temperature
 
 
+def check_teacher_positions(teacher_lprobs, target):
+    """Refuse teacher distributions that do not cover the target's positions.
+
+    Args:
+        teacher_lprobs: ``B x T x S`` teacher log-probabilities.
+        target: ``B x T`` target ids.
+
+    Raises:
+        RuntimeError: the first two dimensions differ.
+    """
+    if teacher_lprobs.shape[:2] != target.shape:
+        raise RuntimeError(
+            f"teacher distributions cover {tuple(teacher_lprobs.shape[:2])} "
+            f"positions but the target has {tuple(target.shape)}"
+        )
+
+
 @register_criterion("word_kd", dataclass=WordKDConfig)
 class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
     """(1 - a) * label-smoothed NLL + a * T^2 * D(p_teacher^T, p_student^T).
@@ -442,11 +459,7 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         """
         target = model.get_targets(sample, net_output)  # B x T
         teacher_lprobs, indices = teacher["lprobs"], teacher["indices"]
-        if teacher_lprobs.shape[:2] != target.shape:
-            raise RuntimeError(
-                f"teacher distributions cover {tuple(teacher_lprobs.shape[:2])} "
-                f"positions but the target has {tuple(target.shape)}"
-            )
+        check_teacher_positions(teacher_lprobs, target)
         vocab, support = lprobs.size(-1), teacher_lprobs.size(-1)
         lprobs = lprobs.reshape(-1, vocab)  # N x V
         target = target.reshape(-1, 1)  # N x 1
@@ -527,11 +540,7 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             teacher_lprobs = teacher_lprobs[:, p:, :]
             ce_lprobs = None if ce_lprobs is None else ce_lprobs[:, p:, :]
             indices = None if indices is None else indices[:, p:, :]
-        if teacher_lprobs.shape[:2] != target.shape:
-            raise RuntimeError(
-                f"teacher distributions cover {tuple(teacher_lprobs.shape[:2])} "
-                f"positions but the target has {tuple(target.shape)}"
-            )
+        check_teacher_positions(teacher_lprobs, target)
         support = teacher_lprobs.size(-1)
         flat_target = target.reshape(-1)  # N
         selected, selection = None, None
