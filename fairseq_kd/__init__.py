@@ -2,8 +2,9 @@
 
 __version__ = "0.1.0"
 
-from fairseq_kd import compat  # noqa: E402
+from fairseq_kd import compat, shutdown  # noqa: E402
 
 compat.allow_fairseq_checkpoint_types()
+shutdown.register()
 
 from fairseq_kd import criterions, tasks  # noqa: E402,F401

@@ -59,25 +59,6 @@ def default_multi30k_folder(start):
         folder = parent
 
 
-def aborted_after_training(returncode, output):
-    """Whether ``fairseq-train`` finished its work, then aborted at exit.
-
-    ve-fairseq 0.12.3 sometimes ends a run stopped mid-epoch by
-    ``--max-update`` with ``terminate called without an active exception``
-    (SIGABRT) after it has saved its checkpoints and logged ``done training``.
-    The run's results are complete; only the exit status is wrong.
-
-    Args:
-        returncode: the process's exit status.
-        output: its output (stdout and stderr).
-    """
-    return (
-        returncode in (-6, 134)
-        and "done training in" in output
-        and "terminate called without an active exception" in output
-    )
-
-
 def fairseq_env():
     """Environment for fairseq's own commands on torch >= 2.6.
 
@@ -138,9 +119,7 @@ def run(cmd, log_file=None, show=()):
         if log:
             log.close()
     output = "".join(lines)
-    if aborted_after_training(proc.returncode, output):
-        logger.warning("fairseq-train aborted at exit after finishing (ve-fairseq)")
-    elif proc.returncode != 0:
+    if proc.returncode != 0:
         raise RuntimeError(
             f"command failed with exit code {proc.returncode}: {' '.join(cmd)}\n"
             + output[-3000:]

@@ -214,6 +214,10 @@ def train_command(ctx, data, save_dir, arch, settings, extra):
     preset = ctx["preset"]
     return (
         ["fairseq-train", data, "--save-dir", save_dir]
+        # the plugin on every run, KD or not: it stops fairseq's batch
+        # prefetching thread at exit (fairseq_kd/shutdown.py), which would
+        # otherwise abort a run stopped mid-epoch by --max-update
+        + ["--user-dir", USER_DIR]
         + ["--source-lang", ctx["src"], "--target-lang", ctx["tgt"]]
         + ["--arch", "transformer"]
         + list(arch)
@@ -1046,7 +1050,7 @@ def build_plan(ds, args):
         if row.kd is None:
             extra = ["--criterion", "label_smoothed_cross_entropy"]
         else:
-            extra = ["--user-dir", USER_DIR, "--task", "translation_kd"]
+            extra = ["--task", "translation_kd"]
             if row.kd == "offline":
                 extra += ["--teacher-topk", stores[row.data]]
                 inputs.append(stores[row.data])

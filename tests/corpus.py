@@ -10,8 +10,6 @@ import random
 import subprocess
 import sys
 
-from fairseq_kd.pipeline import aborted_after_training
-
 N_WORDS = 40
 AMBIGUOUS = 8  # words 0..7 have two translations
 
@@ -42,6 +40,7 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 BIN = os.path.dirname(sys.executable)
+USER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fairseq_kd")
 
 
 def translate_word(i, rng):
@@ -80,8 +79,6 @@ def run(cmd, env=None, check=True, **kw):
     if cmd[0].startswith("fairseq"):
         cmd = [os.path.join(BIN, cmd[0])] + list(cmd[1:])
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, **kw)
-    if aborted_after_training(proc.returncode, proc.stdout + proc.stderr):
-        proc.returncode = 0  # ve-fairseq's abort at exit, after a complete run
     if check and proc.returncode != 0:
         raise AssertionError(
             f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
@@ -105,9 +102,15 @@ def binarize(text_dir, dest, extra=()):
 
 
 def train(data, save_dir, extra=(), arch=TINY_ARCH, updates=300, env=None):
-    """Train with ``fairseq-train``; return the completed process."""
+    """Train with ``fairseq-train``; return the completed process.
+
+    The plugin is always loaded (``--user-dir``), as the recipes do: it stops
+    fairseq's batch prefetching thread at exit (``fairseq_kd.shutdown``).
+    """
+    user_dir = [] if "--user-dir" in extra else ["--user-dir", USER_DIR]
     return run(
         ["fairseq-train", data, "--save-dir", save_dir, "--max-update", str(updates)]
+        + user_dir
         + list(arch)
         + TRAIN_FLAGS
         + list(extra),

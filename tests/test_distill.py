@@ -375,8 +375,7 @@ def test_students_train_on_the_distilled_corpus(data_bin, teacher, tmp_path):
     assert decode_bin(out / "concat" / "bin", "train", "src")[n:] == read_lines(
         out / "train.src"
     )
-    # seq-KD + word-KD from the live teacher (one whole epoch: stopping
-    # mid-epoch sometimes aborts fairseq-train at exit, after training)
+    # seq-KD + word-KD from the live teacher, one epoch
     proc = corpus.train(
         str(out / "bin"),
         str(tmp_path / "seq_word_kd"),

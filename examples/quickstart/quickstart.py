@@ -128,6 +128,9 @@ def train_cmd(data_bin, save_dir, arch, preset, updates, extra):
     """The ``fairseq-train`` command line of one model."""
     return (
         ["fairseq-train", data_bin, "--save-dir", save_dir, "--arch", "transformer"]
+        # the plugin on every run: it stops fairseq's batch prefetching thread
+        # at exit, which would otherwise abort a run stopped by --max-update
+        + ["--user-dir", USER_DIR]
         + arch
         + COMMON_TRAIN
         + ["--max-update", updates, "--max-tokens", preset["max_tokens"]]
@@ -206,7 +209,7 @@ def main(argv=None):
     )
     student_dir = os.path.join(work, "student_word_kd")
     student = os.path.join(student_dir, "checkpoint_best.pt")
-    kd = ["--user-dir", USER_DIR, "--task", "translation_kd"]
+    kd = ["--task", "translation_kd"]
     kd += ["--teacher-path", teacher, "--criterion", "word_kd"]
     kd += ["--kd-alpha", args.kd_alpha, "--kd-temperature", args.kd_temperature]
     stage(
