@@ -128,6 +128,8 @@ def train_cmd(data_bin, save_dir, arch, preset, updates, extra):
     """The ``fairseq-train`` command line of one model."""
     return (
         ["fairseq-train", data_bin, "--save-dir", save_dir, "--arch", "transformer"]
+        # the plugin lets torch resume from a checkpoint weights-only
+        + ([] if "--user-dir" in extra else ["--user-dir", USER_DIR])
         + arch
         + COMMON_TRAIN
         + ["--max-update", updates, "--max-tokens", preset["max_tokens"]]
