@@ -45,6 +45,7 @@ setup(
         "console_scripts": [
             "fairseq-kd-distill = fairseq_kd.distill:cli_main",
             "fairseq-kd-dump-topk = fairseq_kd.dump_topk:cli_main",
+            "fairseq-kd-export = fairseq_kd.export:cli_main",
             "fairseq-kd-merge-topk = fairseq_kd.dump_topk:merge_main",
         ]
     },

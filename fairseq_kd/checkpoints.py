@@ -3,6 +3,8 @@
 import contextlib
 import logging
 import os
+import pickle
+import warnings
 
 import torch
 from fairseq import checkpoint_utils, models, utils
@@ -11,41 +13,118 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 logger = logging.getLogger(__name__)
 
 _FORCE_PICKLE = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint holds pickled objects that weights-only loading refuses."""
+
+
+@contextlib.contextmanager
+def _torch_load_mode(weights_only):
+    """Make every ``torch.load`` inside the block use ``weights_only``.
+
+    fairseq calls ``torch.load`` without ``weights_only``; torch's two
+    environment switches decide for such calls (and the weights-only one for
+    explicit calls too), whatever the user's environment says. Both are
+    restored after the block.
+    """
+    keys = (_FORCE_PICKLE, _FORCE_WEIGHTS_ONLY)
+    previous = {k: os.environ.get(k) for k in keys}
+    os.environ.pop(_FORCE_PICKLE if weights_only else _FORCE_WEIGHTS_ONLY, None)
+    os.environ[_FORCE_WEIGHTS_ONLY if weights_only else _FORCE_PICKLE] = "1"
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
 def trusted_checkpoint_loading():
-    """Let ``torch.load`` unpickle fairseq checkpoints inside this block.
+    """Let ``torch.load`` unpickle checkpoints fully inside this block.
 
-    torch >= 2.6 loads with ``weights_only=True`` by default, which refuses the
-    ``argparse``/omegaconf objects that fairseq pickles into its checkpoints.
-    The files loaded here are ones the user named on the command line, so the
-    block sets torch's own switch for the duration and restores it after.
+    Only for files the user named and trusts: full unpickling runs whatever
+    code the file asks for. :func:`load_checkpoint` uses it as a fallback.
     """
-    previous = os.environ.get(_FORCE_PICKLE)
-    os.environ[_FORCE_PICKLE] = "1"
-    try:
+    with _torch_load_mode(weights_only=False):
         yield
-    finally:
-        if previous is None:
-            del os.environ[_FORCE_PICKLE]
-        else:
-            os.environ[_FORCE_PICKLE] = previous
 
 
-def load_checkpoint(path):
-    """Load a fairseq checkpoint to the CPU, on any torch version.
+def load_checkpoint(path, trusted_fallback=True):
+    """Load a fairseq checkpoint to the CPU, weights-only when it can.
+
+    A checkpoint written by ``fairseq-train`` holds tensors, plain Python
+    types and one ``argparse.Namespace`` (the model options), which this
+    package adds to torch's safe globals: it loads with ``weights_only=True``.
+    A file that holds any other pickled object (older fairseq checkpoints,
+    omegaconf objects, anything crafted) is refused, unless
+    ``trusted_fallback`` is set, for a file the user named: it is then
+    unpickled fully, with a warning naming it.
 
     Args:
         path: the checkpoint file.
+        trusted_fallback: whether the user named this file, so that full
+            unpickling may follow a weights-only refusal.
 
     Returns:
         The upgraded state dict, as ``checkpoint_utils.load_checkpoint_to_cpu``.
+
+    Raises:
+        UnsafeCheckpointError: the file needs full unpickling and
+            ``trusted_fallback`` is not set.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with _torch_load_mode(weights_only=True):
+            return checkpoint_utils.load_checkpoint_to_cpu(path)
+    except pickle.UnpicklingError as e:
+        reason = refusal_reason(e)
+        if not trusted_fallback:
+            raise UnsafeCheckpointError(
+                f"{path} holds pickled objects that weights-only loading refuses "
+                f"({reason}); it is not loaded with full unpickling because it is "
+                "not a file named on the command line. Export it with "
+                "fairseq-kd-export, or load it where you name it."
+            ) from e
+        warn_full_unpickling(path, reason)
     with trusted_checkpoint_loading():
         return checkpoint_utils.load_checkpoint_to_cpu(path)
+
+
+def refusal_reason(error):
+    """The line of torch's weights-only refusal that names what it refused.
+
+    Args:
+        error: the ``pickle.UnpicklingError`` raised by ``torch.load``.
+    """
+    text = str(error)
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1]
+            return reason.split(" Please use", 1)[0].strip().rstrip(".")
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def warn_full_unpickling(path, reason):
+    """Warn that ``path`` is unpickled fully (it can run code when loaded).
+
+    Args:
+        path: the checkpoint file.
+        reason: why weights-only loading refused it.
+    """
+    message = (
+        f"{path}: weights-only loading refused it ({reason}); loading it with "
+        "full unpickling because you named it. Unpickling can run code: only "
+        "do this for files you trust (fairseq-kd-export writes a copy that "
+        "loads weights-only)."
+    )
+    logger.warning(message)
+    warnings.warn(message, stacklevel=3)
 
 
 def split_checkpoint_paths(paths):

@@ -14,6 +14,9 @@ import urllib.request
 
 logger = logging.getLogger(__name__)
 
+#: This package's folder: ``--user-dir`` for fairseq's commands.
+USER_DIR = os.path.dirname(os.path.abspath(__file__))
+
 MULTI30K_URL = (
     "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
 )
@@ -60,16 +63,14 @@ def default_multi30k_folder(start):
 
 
 def fairseq_env():
-    """Environment for fairseq's own commands on torch >= 2.6.
+    """Environment for fairseq's own commands: unbuffered output.
 
-    fairseq pickles an ``argparse.Namespace`` into its checkpoints, which
-    torch >= 2.6 refuses to load by default; torch's documented switch
-    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` restores the old behaviour for
-    checkpoints we wrote ourselves. Output is unbuffered so that progress
-    lines arrive as they are written.
+    Nothing here relaxes torch's weights-only loading: the recipes pass
+    ``--user-dir fairseq_kd`` to the fairseq commands that load checkpoints,
+    and the plugin lets torch read the ``argparse.Namespace`` of a
+    ``fairseq-train`` checkpoint and nothing else.
     """
     env = dict(os.environ)
-    env.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")  # stream fairseq's progress lines
     return env
 
@@ -348,6 +349,8 @@ def translate(data_bin, checkpoint, split, beam, batch_size=128, extra=()):
     start = time.time()
     output = run(
         ["fairseq-generate", data_bin, "--path", checkpoint, "--gen-subset", split]
+        # the plugin lets torch load the checkpoint weights-only
+        + ["--user-dir", USER_DIR]
         + ["--beam", beam, "--batch-size", batch_size, "--cpu"]
         + ["--post-process", "sentencepiece"]
         # ve-fairseq 0.12.3 drops the final partial batch when batch sizes must
@@ -377,10 +380,15 @@ def score(hyps, refs):
 
 
 def count_parameters(checkpoint):
-    """Number of model parameters stored in a fairseq checkpoint."""
-    import torch
+    """Number of model parameters stored in a fairseq checkpoint.
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    The checkpoint is loaded weights-only (see
+    :func:`fairseq_kd.checkpoints.load_checkpoint`): the recipes count the
+    parameters of checkpoints they wrote, never of a file to trust blindly.
+    """
+    from fairseq_kd.checkpoints import load_checkpoint
+
+    state = load_checkpoint(checkpoint, trusted_fallback=False)
     return sum(
         t.numel()
         for k, t in state["model"].items()

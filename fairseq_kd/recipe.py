@@ -194,6 +194,20 @@ def ct2_available():
     return importlib.util.find_spec("ctranslate2") is not None
 
 
+def ct2_convert_command(checkpoint, data_bin, src, tgt, output_dir):
+    """The ``ct2-fairseq-converter`` command of one model (int8).
+
+    ``--user_dir`` loads the plugin in the converter, which lets torch read the
+    checkpoint weights-only: no ``--unsafe_deserialization``.
+    """
+    return (
+        ["ct2-fairseq-converter", "--model_path", checkpoint]
+        + ["--data_dir", data_bin, "--user_dir", USER_DIR]
+        + ["--source_lang", src, "--target_lang", tgt]
+        + ["--output_dir", output_dir, "--quantization", "int8"]
+    )
+
+
 def post_process_symbol(subword):
     """fairseq's ``--post-process`` name for a subword scheme."""
     return {"spm": "sentencepiece", "bpe": "subword_nmt"}[subword]
@@ -215,9 +229,9 @@ def train_command(ctx, data, save_dir, arch, settings, extra):
     return (
         ["fairseq-train", data, "--save-dir", save_dir]
         # the plugin on every run, KD or not: it stops fairseq's batch
-        # prefetching thread at exit (fairseq_kd/shutdown.py), which would
-        # otherwise abort a run stopped mid-epoch by --max-update
-        + ["--user-dir", USER_DIR]
+        # prefetching thread at exit (fairseq_kd/shutdown.py) and lets torch
+        # resume from a checkpoint weights-only
+        + ([] if "--user-dir" in extra else ["--user-dir", USER_DIR])
         + ["--source-lang", ctx["src"], "--target-lang", ctx["tgt"]]
         + ["--arch", "transformer"]
         + list(arch)
@@ -273,6 +287,8 @@ def generate_command(ctx, checkpoint, split, beam):
     preset = ctx["preset"]
     return (
         ["fairseq-generate", ctx["bin"], "--path", checkpoint, "--gen-subset", split]
+        # the plugin lets torch load the checkpoint weights-only
+        + ["--user-dir", USER_DIR]
         + ["--source-lang", ctx["src"], "--target-lang", ctx["tgt"]]
         + ["--beam", beam, "--nbest", "1", "--batch-size", preset["gen_batch_size"]]
         # every sentence is kept (ve-fairseq drops a last partial batch otherwise)
@@ -1127,11 +1143,7 @@ def build_plan(ds, args):
                 return [
                     mkdir_step(out),
                     Command(
-                        ["ct2-fairseq-converter", "--model_path", ckpt]
-                        + ["--data_dir", data_bin, "--user_dir", USER_DIR]
-                        + ["--source_lang", src, "--target_lang", tgt]
-                        + ["--output_dir", j(out, "model"), "--quantization", "int8"]
-                        + ["--unsafe_deserialization"]
+                        ct2_convert_command(ckpt, data_bin, src, tgt, j(out, "model"))
                     ),
                     PyStep(
                         f"translate {test_src} with CTranslate2 int8 on the CPU, "

@@ -128,9 +128,10 @@ def train_cmd(data_bin, save_dir, arch, preset, updates, extra):
     """The ``fairseq-train`` command line of one model."""
     return (
         ["fairseq-train", data_bin, "--save-dir", save_dir, "--arch", "transformer"]
-        # the plugin on every run: it stops fairseq's batch prefetching thread
-        # at exit, which would otherwise abort a run stopped by --max-update
-        + ["--user-dir", USER_DIR]
+        # the plugin on every run, KD or not: it stops fairseq's batch
+        # prefetching thread at exit (fairseq_kd/shutdown.py) and lets torch
+        # resume from a checkpoint weights-only
+        + ([] if "--user-dir" in extra else ["--user-dir", USER_DIR])
         + arch
         + COMMON_TRAIN
         + ["--max-update", updates, "--max-tokens", preset["max_tokens"]]

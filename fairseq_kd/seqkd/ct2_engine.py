@@ -18,14 +18,16 @@ MODEL_DIR = "ct2-model"
 def convert_teacher(checkpoint: str, data_dir: str, src: str, tgt: str, work_dir: str):
     """Convert a fairseq checkpoint to CTranslate2 once; reuse the cached copy.
 
-    The conversion runs ``ctranslate2``'s fairseq converter (what
-    ``ct2-fairseq-converter --unsafe_deserialization`` runs) into a temporary
+    The conversion runs ``ctranslate2``'s fairseq converter into a temporary
     folder that is renamed into ``<work_dir>/ct2-model`` when complete. The
     work folder's recorded settings (teacher path, size, time) make sure the
-    cache belongs to this teacher.
+    cache belongs to this teacher. The checkpoint is read weights-only (this
+    package lets torch read the ``argparse.Namespace`` of a ``fairseq-train``
+    checkpoint); one that holds other pickled objects is unpickled fully, with
+    a warning naming it, since the user named it.
 
     Args:
-        checkpoint: the fairseq checkpoint (trusted: it is unpickled).
+        checkpoint: the fairseq checkpoint the user named.
         data_dir: folder with ``dict.<src>.txt`` and ``dict.<tgt>.txt``.
         src: source language.
         tgt: target language.
@@ -34,27 +36,71 @@ def convert_teacher(checkpoint: str, data_dir: str, src: str, tgt: str, work_dir
     Returns:
         The converted model's folder.
     """
-    from ctranslate2.converters.fairseq import FairseqConverter
-
     out = os.path.join(work_dir, MODEL_DIR)
     if os.path.isfile(os.path.join(out, "model.bin")):
         logger.info(f"using the converted teacher cached in {out}")
         return out
     tmp = f"{out}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    import fairseq_kd  # noqa: F401  (registers this package's tasks for the loader)
-
-    converter = FairseqConverter(
-        checkpoint,
-        data_dir,
-        source_lang=src,
-        target_lang=tgt,
-        unsafe_deserialization=True,
-    )
-    converter.convert(tmp, force=True)
+    convert_fairseq(checkpoint, data_dir, src, tgt, tmp, trusted_fallback=True)
     os.replace(tmp, out)
     logger.info(f"converted {checkpoint} to CTranslate2 in {out}")
     return out
+
+
+def convert_fairseq(
+    checkpoint,
+    data_dir,
+    src,
+    tgt,
+    output_dir,
+    quantization=None,
+    trusted_fallback=False,
+):
+    """Run CTranslate2's fairseq converter, weights-only first.
+
+    Args:
+        checkpoint: the fairseq checkpoint.
+        data_dir: folder with ``dict.<src>.txt`` and ``dict.<tgt>.txt``.
+        src: source language.
+        tgt: target language.
+        output_dir: the CTranslate2 model's folder (replaced).
+        quantization: CTranslate2 weight type (``int8``, ``float32``, ...).
+        trusted_fallback: the user named ``checkpoint``: unpickle it fully,
+            with a warning, if weights-only loading refuses it.
+    """
+    import pickle
+
+    from ctranslate2.converters.fairseq import FairseqConverter
+
+    import fairseq_kd  # noqa: F401  (its tasks and safe globals for the loader)
+    from fairseq_kd.checkpoints import (
+        UnsafeCheckpointError,
+        refusal_reason,
+        warn_full_unpickling,
+    )
+
+    def convert(unsafe):
+        converter = FairseqConverter(
+            checkpoint,
+            data_dir,
+            source_lang=src,
+            target_lang=tgt,
+            unsafe_deserialization=unsafe,
+        )
+        converter.convert(output_dir, quantization=quantization, force=True)
+
+    try:
+        convert(unsafe=False)
+    except pickle.UnpicklingError as e:
+        reason = refusal_reason(e)
+        if not trusted_fallback:
+            raise UnsafeCheckpointError(
+                f"{checkpoint} holds pickled objects that weights-only loading "
+                f"refuses ({reason})"
+            ) from e
+        warn_full_unpickling(checkpoint, reason)
+        convert(unsafe=True)
 
 
 class CTranslate2Engine:

@@ -1,0 +1,379 @@
+"""fairseq-kd-export: a student checkpoint that stock fairseq loads weights-only."""
+
+import argparse
+import collections
+import dataclasses
+import enum
+import logging
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+logger = logging.getLogger("fairseq_kd.export")
+
+#: This package's tasks and criteria, and the stock ones an export names instead.
+STOCK_TASK = {"translation_kd": "translation"}
+STOCK_CRITERION = {"word_kd": "label_smoothed_cross_entropy"}
+
+#: What a weights-only ``torch.load`` reads without any allow-listed class.
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class ExportError(Exception):
+    """A checkpoint that cannot be exported as asked (the message says why)."""
+
+
+def _field_names(config_class):
+    return {f.name for f in dataclasses.fields(config_class)}
+
+
+def _plain(obj, where="state"):
+    """``obj`` with every ``Namespace``/omegaconf/enum turned into plain types.
+
+    Args:
+        obj: a checkpoint entry.
+        where: its path in the checkpoint (for the message).
+    """
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(obj):
+        obj = OmegaConf.to_container(obj, resolve=True, enum_to_str=True)
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN):
+        return obj
+    if isinstance(obj, enum.Enum):
+        return obj.value if isinstance(obj.value, _PLAIN) else obj.name
+    if isinstance(obj, dict):
+        kind = (
+            collections.OrderedDict
+            if isinstance(obj, collections.OrderedDict)
+            else dict
+        )
+        return kind((k, _plain(v, f"{where}[{k!r}]")) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    raise ExportError(
+        f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}, which a "
+        "weights-only load refuses; fairseq-kd-export only writes tensors and "
+        "plain Python values"
+    )
+
+
+def _stock_task(task_cfg):
+    """A plugin task's config as the stock task's: its fields only.
+
+    Returns:
+        ``(config, dropped field names)``.
+    """
+    from fairseq.tasks import TASK_DATACLASS_REGISTRY
+
+    name = task_cfg.get("_name")
+    if name not in STOCK_TASK:
+        return task_cfg, set()
+    stock = STOCK_TASK[name]
+    keep = _field_names(TASK_DATACLASS_REGISTRY[stock])
+    drop = _field_names(TASK_DATACLASS_REGISTRY[name]) - keep
+    out = {k: v for k, v in task_cfg.items() if k in keep}
+    out["_name"] = stock
+    return out, drop
+
+
+def _stock_criterion(criterion_cfg):
+    """A plugin criterion's config as the stock criterion's (same label smoothing).
+
+    Returns:
+        ``(config, dropped field names)``.
+    """
+    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
+
+    name = (criterion_cfg or {}).get("_name")
+    if name not in STOCK_CRITERION:
+        return criterion_cfg, set()
+    stock = STOCK_CRITERION[name]
+    keep = _field_names(CRITERION_DATACLASS_REGISTRY[stock])
+    drop = _field_names(CRITERION_DATACLASS_REGISTRY[name]) - keep
+    out = {k: v for k, v in criterion_cfg.items() if k in keep}
+    out["_name"] = stock
+    return out, drop
+
+
+def export_state(state):
+    """The exported form of a loaded student checkpoint.
+
+    The task becomes stock ``translation`` (its fields only) and a plugin
+    criterion becomes ``label_smoothed_cross_entropy`` with the same label
+    smoothing; teacher and KD options, ``user_dir``, the optimizer state, the
+    task's and the trainer's extra state are dropped; ``args`` is ``None`` and
+    ``cfg`` a plain dict (the legacy model options too), so the file holds only
+    tensors and plain Python values.
+
+    Args:
+        state: the student's state, as :func:`fairseq_kd.checkpoints.load_checkpoint`
+            returns it.
+
+    Returns:
+        The state to save.
+    """
+    from fairseq.criterions import CRITERION_REGISTRY
+
+    cfg = _plain(state["cfg"], "cfg")
+    task, task_drop = _stock_task(cfg["task"])
+    criterion, criterion_drop = _stock_criterion(cfg.get("criterion"))
+    cfg["task"], cfg["criterion"] = task, criterion
+    cfg["common"]["user_dir"] = None
+    model = cfg.get("model")
+    if isinstance(model, dict) and "arch" in model:  # legacy options: every flag
+        model = {k: v for k, v in model.items() if k not in task_drop | criterion_drop}
+        model["task"] = task["_name"]
+        if criterion is not None and "criterion" in model:
+            model["criterion"] = criterion["_name"]
+        model["user_dir"] = None
+        cfg["model"] = model
+    history = state.get("optimizer_history") or [{}]
+    last = history[-1]
+    criterion_name = last.get("criterion_name")
+    if criterion is not None and criterion.get("_name") in CRITERION_REGISTRY:
+        criterion_name = CRITERION_REGISTRY[criterion["_name"]].__name__
+    extra = state.get("extra_state") or {}
+    return {
+        "args": None,
+        "cfg": cfg,
+        "model": _plain(state["model"], "model"),
+        "criterion": None,
+        "optimizer_history": [
+            {
+                "criterion_name": criterion_name,
+                "optimizer_name": last.get("optimizer_name"),
+                "lr_scheduler_state": {},
+                "num_updates": last.get("num_updates", 0),
+            }
+        ],
+        "task_state": {},
+        "extra_state": {"train_iterator": _plain(extra.get("train_iterator"))},
+    }
+
+
+def language_pair(cfg, data_dir):
+    """``(source, target)`` languages of an exported config, or from ``data_dir``.
+
+    Args:
+        cfg: the exported ``cfg`` (plain dict).
+        data_dir: folder with the dictionaries (``dict.<lang>.txt``).
+    """
+    from fairseq.data import data_utils
+
+    src, tgt = cfg["task"].get("source_lang"), cfg["task"].get("target_lang")
+    if (src is None or tgt is None) and data_dir and os.path.isdir(data_dir):
+        src, tgt = data_utils.infer_language_pair(data_dir)
+    if src is None or tgt is None:
+        raise ExportError(
+            "the checkpoint names no language pair and none can be inferred from "
+            f"--data {data_dir}: pass --source-lang and --target-lang"
+        )
+    return src, tgt
+
+
+def copy_dictionaries(data_dir, dest_dir, langs):
+    """Copy ``dict.<lang>.txt`` of each language from ``data_dir`` to ``dest_dir``.
+
+    Args:
+        data_dir: the folder the student was trained on (or any with its dictionaries).
+        dest_dir: the exported checkpoint's folder.
+        langs: the languages.
+
+    Returns:
+        The copied files.
+    """
+    copied = []
+    for lang in dict.fromkeys(langs):
+        src = os.path.join(data_dir, f"dict.{lang}.txt")
+        if not os.path.isfile(src):
+            raise ExportError(f"--copy-dicts: {src} does not exist (see --data)")
+        dest = os.path.join(dest_dir, f"dict.{lang}.txt")
+        if os.path.abspath(src) != os.path.abspath(dest):
+            shutil.copyfile(src, dest)
+        copied.append(dest)
+    return copied
+
+
+def convert_to_ct2(state, data_dir, src, tgt, output_dir, quantization):
+    """Write a CTranslate2 model of an exported state, without unsafe loading.
+
+    CTranslate2's converter reads the legacy model options as attributes
+    (``checkpoint["args"]``), so it is handed a temporary copy whose ``args``
+    is an ``argparse.Namespace`` of the exported options; torch reads that
+    weights-only, ``Namespace`` being allow-listed by this package.
+
+    Args:
+        state: the exported state.
+        data_dir: folder with ``dict.<src>.txt`` and ``dict.<tgt>.txt``.
+        src: source language.
+        tgt: target language.
+        output_dir: the CTranslate2 model's folder (replaced).
+        quantization: CTranslate2 weight type (``int8``, ``float32``, ...).
+    """
+    from fairseq_kd.seqkd.ct2_engine import convert_fairseq
+
+    cfg = state["cfg"]
+    model = cfg["model"] if "arch" in cfg["model"] else None
+    if model is None:
+        raise ExportError(
+            "--ct2: the checkpoint's model options are not a legacy fairseq "
+            "architecture's (no 'arch'); convert it with ct2-fairseq-converter"
+        )
+    args = argparse.Namespace(**model)
+    args.data, args.source_lang, args.target_lang = data_dir, src, tgt
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(output_dir) or ".") as tmp:
+        path = os.path.join(tmp, "checkpoint.pt")
+        torch.save(dict(state, args=args, cfg=None), path)
+        staging = os.path.join(tmp, "ct2")
+        convert_fairseq(path, data_dir, src, tgt, staging, quantization=quantization)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        os.replace(staging, output_dir)
+    return output_dir
+
+
+def export(
+    checkpoint,
+    output,
+    data=None,
+    copy_dicts=False,
+    ct2=None,
+    ct2_dir=None,
+    source_lang=None,
+    target_lang=None,
+):
+    """Export a student checkpoint (see :func:`export_state`) and its companions.
+
+    Args:
+        checkpoint: the student checkpoint (named by the user: a file that
+            needs full unpickling is loaded with a warning).
+        output: the exported checkpoint's path.
+        data: folder with the dictionaries (default: the checkpoint's
+            ``task.data``, its first folder).
+        copy_dicts: copy the dictionaries next to ``output``.
+        ct2: write a CTranslate2 model with this quantization.
+        ct2_dir: the CTranslate2 model's folder (default ``<output dir>/ct2-<ct2>``).
+        source_lang: source language (default: the checkpoint's, or inferred).
+        target_lang: target language (default: the checkpoint's, or inferred).
+
+    Returns:
+        ``{"checkpoint": ..., "dicts": [...], "ct2": ...}``.
+    """
+    from fairseq import utils
+
+    from fairseq_kd.checkpoints import load_checkpoint
+
+    state = export_state(load_checkpoint(checkpoint, trusted_fallback=True))
+    cfg = state["cfg"]
+    for key, value in (("source_lang", source_lang), ("target_lang", target_lang)):
+        if value is not None:
+            cfg["task"][key] = value
+            if "arch" in cfg["model"]:
+                cfg["model"][key] = value
+    if data is None and cfg["task"].get("data"):
+        data = utils.split_paths(cfg["task"]["data"])[0]
+    langs = None
+    if data and os.path.isdir(data):
+        # recorded, so that a folder with only the dictionaries is enough to
+        # load the model (from_pretrained(DIR) cannot infer the pair there)
+        langs = language_pair(cfg, data)
+        for key, lang in zip(("source_lang", "target_lang"), langs):
+            cfg["task"][key] = lang
+            if "arch" in cfg["model"]:
+                cfg["model"][key] = lang
+    out_dir = os.path.dirname(os.path.abspath(output))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{output}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, output)
+    logger.info(f"exported {checkpoint} to {output}")
+    result = {"checkpoint": output, "dicts": [], "ct2": None}
+    if (copy_dicts or ct2) and langs is None:
+        raise ExportError(
+            f"the dictionaries' folder {data!r} does not exist: pass --data "
+            "(the folder the student was trained on)"
+        )
+    src, tgt = langs or (None, None)
+    if copy_dicts:
+        result["dicts"] = copy_dictionaries(data, out_dir, (src, tgt))
+    if ct2:
+        ct2_dir = ct2_dir or os.path.join(out_dir, f"ct2-{ct2}")
+        result["ct2"] = convert_to_ct2(state, data, src, tgt, ct2_dir, ct2)
+        logger.info(f"wrote a CTranslate2 {ct2} model to {ct2_dir}")
+    return result
+
+
+def get_parser():
+    """The command line of ``fairseq-kd-export``."""
+    p = argparse.ArgumentParser(
+        prog="fairseq-kd-export",
+        description="Write a student checkpoint that stock fairseq loads without "
+        "the plugin: task 'translation', a stock criterion, no teacher or KD "
+        "options, no optimizer state, no pickled objects (torch.load with "
+        "weights_only=True reads it on torch >= 2.6 with no environment switch).",
+    )
+    p.add_argument("checkpoint", help="the student checkpoint (fairseq-train's)")
+    p.add_argument("--output", "-o", required=True, help="the exported checkpoint")
+    p.add_argument(
+        "--data",
+        help="folder with the dictionaries (dict.SRC.txt, dict.TGT.txt); default: "
+        "the data folder the checkpoint was trained on",
+    )
+    p.add_argument(
+        "--copy-dicts",
+        action="store_true",
+        help="copy the dictionaries next to the exported checkpoint, so that "
+        "TransformerModel.from_pretrained(DIR) finds them there",
+    )
+    p.add_argument(
+        "--ct2",
+        metavar="QUANTIZATION",
+        help="also write a CTranslate2 model with this quantization (int8, "
+        "int8_float16, int16, float16, bfloat16, float32)",
+    )
+    p.add_argument(
+        "--ct2-dir", help="the CTranslate2 model's folder (default: OUTPUT_DIR/ct2-Q)"
+    )
+    p.add_argument("--source-lang", help="source language (default: inferred)")
+    p.add_argument("--target-lang", help="target language (default: inferred)")
+    return p
+
+
+def cli_main(argv=None):
+    """Entry point of ``fairseq-kd-export``."""
+    logging.basicConfig(
+        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+        level=logging.INFO,
+        stream=sys.stdout,
+    )
+    args = get_parser().parse_args(argv)
+    import fairseq_kd  # noqa: F401  (registers the plugin's task and criterion)
+
+    try:
+        result = export(
+            args.checkpoint,
+            args.output,
+            data=args.data,
+            copy_dicts=args.copy_dicts,
+            ct2=args.ct2,
+            ct2_dir=args.ct2_dir,
+            source_lang=args.source_lang,
+            target_lang=args.target_lang,
+        )
+    except (ExportError, FileNotFoundError) as e:
+        sys.exit(f"fairseq-kd-export: error: {e}")
+    for key in ("checkpoint", "ct2"):
+        if result[key]:
+            print(f"{key}\t{result[key]}")
+    for path in result["dicts"]:
+        print(f"dict\t{path}")
+
+
+if __name__ == "__main__":
+    cli_main()
