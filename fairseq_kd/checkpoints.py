@@ -6,9 +6,10 @@ import os
 import pickle
 import warnings
 
-import torch
 from fairseq import checkpoint_utils, models, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+from fairseq_kd.teacher import teacher_distribution
 
 logger = logging.getLogger(__name__)
 
@@ -201,11 +202,12 @@ def load_teacher_ensemble(paths, task):
     return teachers
 
 
-@torch.no_grad()
 def teacher_log_probs(teachers, net_input):
     """Log-probabilities of a (possibly ensembled) teacher, in float32.
 
     An ensemble averages the members' probabilities (not log-probabilities).
+    A thin alias of :func:`fairseq_kd.teacher.teacher_distribution` over the
+    whole vocabulary.
 
     Args:
         teachers: list of frozen models, already on the right device.
@@ -214,11 +216,4 @@ def teacher_log_probs(teachers, net_input):
     Returns:
         ``B x T x V`` float32 log-probabilities at temperature 1.
     """
-    total = None
-    for teacher in teachers:
-        net_output = teacher(**net_input)
-        lprobs = teacher.get_normalized_probs(net_output, log_probs=True).float()
-        total = lprobs if total is None else torch.logaddexp(total, lprobs)
-    if len(teachers) > 1:
-        total = total - torch.log(torch.tensor(float(len(teachers))))
-    return total
+    return teacher_distribution(teachers, net_input)[0]

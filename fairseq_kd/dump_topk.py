@@ -4,7 +4,9 @@ import argparse
 import hashlib
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 
 import numpy as np
@@ -14,10 +16,13 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from tqdm import tqdm
 
 import fairseq_kd
-from fairseq_kd.checkpoints import (
-    load_teacher_ensemble,
-    split_checkpoint_paths,
-    teacher_log_probs,
+from fairseq_kd.checkpoints import load_teacher_ensemble, split_checkpoint_paths
+from fairseq_kd.teacher import (
+    DTYPES,
+    PRECISIONS,
+    place_teachers,
+    resolve_precision,
+    teacher_distribution,
 )
 from fairseq_kd.topk_store import (
     TopKWriter,
@@ -30,7 +35,7 @@ logger = logging.getLogger("fairseq_kd.dump_topk")
 
 ABORT_ENV = "FAIRSEQ_KD_DUMP_ABORT_AFTER"  # test hook: die after N batches
 DEFAULT_MAX_TOKENS = 4096
-CHUNK_ROWS = 256  # positions normalised at a time by the single-teacher path
+QUEUE_DEPTH = 2  # batches computed ahead of the background writer
 
 
 def add_dump_args(parser):
@@ -53,6 +58,13 @@ def add_dump_args(parser):
         "--commit-interval", type=int, default=50, metavar="N",
         help="make progress durable every N batches (an interrupted dump "
         "resumes from the last commit)",
+    )  # fmt: skip
+    group.add_argument(
+        "--teacher-precision", choices=PRECISIONS, default="auto",
+        help="precision of the teacher's forward pass: auto follows --fp16 "
+        "(fp16), --bf16 (bf16) or --amp (float32 weights under float16 "
+        "autocast, on CUDA), fp32 otherwise; the softmax and top-k are always "
+        "computed in float32",
     )  # fmt: skip
     return group
 
@@ -117,53 +129,237 @@ def shard_output(output, num_shards, shard_id):
     return os.path.join(output, f"shard-{shard_id:03d}-of-{num_shards:03d}")
 
 
-def _single_teacher_topk(teacher, net_input, k, rows=CHUNK_ROWS):
-    """Top-k log-probabilities of one teacher, normalised ``rows`` at a time.
+def dump_precision(option, common, use_cuda):
+    """The teacher's precision for the dump's ``--teacher-precision``.
 
-    Equal to ``teacher_log_probs([teacher], net_input).topk(k)`` (softmax rows
-    are independent), but the ``B x T x V`` log-probabilities are never held
-    at once, which keeps the work in cache.
+    Args:
+        option: ``auto``, ``fp32``, ``fp16`` or ``bf16``.
+        common: fairseq's ``cfg.common`` (``fp16``, ``bf16``, ``amp``).
+        use_cuda: whether the dump runs on CUDA (``--amp`` is CUDA's autocast).
+
+    Returns:
+        A :class:`~fairseq_kd.teacher.TeacherPrecision`.
     """
-    net_output = teacher(**net_input)
-    logits = net_output[0]  # B x T x V
-    bsz, tlen, vocab = logits.shape
-    flat = logits.reshape(-1, vocab)  # BT x V
-    values = flat.new_empty(bsz * tlen, k, dtype=torch.float32)  # BT x k
-    indices = torch.empty(bsz * tlen, k, dtype=torch.long, device=flat.device)
-    for start in range(0, bsz * tlen, rows):
-        end = min(start + rows, bsz * tlen)
-        chunk = (flat[start:end],) + tuple(net_output[1:])
-        lprobs = teacher.get_normalized_probs(chunk, log_probs=True).float()
-        torch.topk(lprobs, k, dim=-1, out=(values[start:end], indices[start:end]))
-    return values.view(bsz, tlen, k), indices.view(bsz, tlen, k)
+    student = DTYPES["fp32"]
+    if common.fp16:
+        student = DTYPES["fp16"]
+    elif common.bf16:
+        student = DTYPES["bf16"]
+    autocast = DTYPES["fp16"] if common.amp and use_cuda else None
+    return resolve_precision(option, student, autocast)
 
 
 @torch.no_grad()
 def topk_of_batch(teachers, sample, k, pad):
     """Teacher top-k at every non-padding target position of a batch.
 
+    Only the non-padding positions are normalised (a chunk at a time, see
+    :func:`fairseq_kd.teacher.teacher_distribution`); they are chosen on
+    the host from the target, so nothing waits for the device.
+
     Args:
         teachers: frozen models on the sample's device.
-        sample: a batch collated by the split's ``LanguagePairDataset``.
+        sample: a batch collated by the split's ``LanguagePairDataset``; its
+            ``target`` may stay on the CPU while ``net_input`` is on the device.
         k: entries per position.
         pad: padding id.
 
     Returns:
-        ``(values, indices, lengths, mass)``: ``sum(L) x k`` float32
-        log-probabilities and int64 ids, positions of row 0 first; ``B``
-        target lengths; the summed top-k probability mass.
+        ``(values, indices, lengths)``: ``sum(L) x k`` float32
+        log-probabilities and int64 ids on the device, positions of row 0
+        first; ``B`` target lengths (on the target's device).
     """
-    net_input = sample["net_input"]
-    decoder = getattr(teachers[0], "decoder", None)
-    if len(teachers) == 1 and getattr(decoder, "adaptive_softmax", None) is None:
-        values, indices = _single_teacher_topk(teachers[0], net_input, k)
-    else:
-        lprobs = teacher_log_probs(teachers, net_input)  # B x T x V
-        values, indices = lprobs.topk(k, dim=-1)  # B x T x k
     mask = sample["target"].ne(pad)  # B x T
-    values, indices = values[mask], indices[mask]  # sum(L) x k
-    mass = values.double().exp().sum()
-    return values, indices, mask.sum(1), mass
+    positions = mask.reshape(-1).nonzero().squeeze(1)  # sum(L)
+    device = sample["net_input"]["src_tokens"].device
+    values, indices = teacher_distribution(
+        teachers, sample["net_input"], topk=k, positions=positions.to(device)
+    )  # sum(L) x k
+    return values, indices, mask.sum(1)
+
+
+class BatchWriter:
+    """Write computed batches to a ``TopKWriter``, in a background thread.
+
+    :meth:`put` hands over a batch's device tensors; they are copied to the
+    host (into pinned memory, without waiting, on CUDA) and the thread
+    converts and writes them into the memory maps while the next batch is
+    computed. At most ``depth`` batches wait in the queue. :meth:`commit`
+    is queued behind the writes before it. Use it as a context manager: the
+    thread is stopped and joined on every exit, and an error raised in the
+    thread is raised again in the caller.
+
+    Args:
+        writer: the ``TopKWriter``.
+        background: False writes in the caller's thread (same bytes).
+        depth: batches the queue holds.
+    """
+
+    def __init__(self, writer, background=True, depth=QUEUE_DEPTH):
+        self.writer = writer
+        self.error = None
+        self.thread = None
+        if background:
+            self.queue = queue.Queue(maxsize=depth)
+            self.thread = threading.Thread(
+                target=self._run, name="fairseq-kd-dump-writer", daemon=True
+            )
+            self.thread.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(raise_error=exc_type is None)  # keep the caller's error
+        return False
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self._do(item)
+                except BaseException as error:  # raised again by the caller
+                    self.error = error
+
+    def _do(self, item):
+        kind, payload = item
+        if kind == "commit":
+            self.writer.commit(payload)
+            return
+        sent_ids, values, indices, ready = payload
+        if ready is not None:
+            ready.synchronize()  # the device-to-host copies are done
+        self.writer.write(sent_ids, values.numpy(), indices.numpy())
+
+    def _submit(self, item):
+        self._check()
+        if self.thread is None:
+            self._do(item)
+        else:
+            self.queue.put(item)
+
+    def _check(self):
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    @staticmethod
+    def to_host(tensor):
+        """Start copying ``tensor`` to the host (pinned memory on CUDA)."""
+        if not tensor.is_cuda:
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return host
+
+    def put(self, sent_ids, values, indices):
+        """Queue the top-k of whole sentences (see ``TopKWriter.write``).
+
+        Args:
+            sent_ids: the sentences (a numpy array), in row order.
+            values: ``sum(L) x k`` float32 log-probabilities (any device).
+            indices: ``sum(L) x k`` int64 ids (same device).
+        """
+        ready = None
+        if values.is_cuda:
+            values, indices = self.to_host(values), self.to_host(indices)
+            ready = torch.cuda.Event()
+            ready.record()  # after the copies, on the current stream
+        self._submit(("write", (sent_ids, values, indices, ready)))
+
+    def commit(self, batches_done):
+        """Queue ``TopKWriter.commit(batches_done)`` after the writes before it."""
+        self._submit(("commit", batches_done))
+
+    def close(self, raise_error=True):
+        """Finish the queued work, stop and join the thread; raise its error.
+
+        Args:
+            raise_error: raise an error the thread met (else drop it).
+        """
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+        if raise_error:
+            self._check()
+
+
+def write_batches(
+    loader,
+    teachers,
+    writer,
+    k,
+    pad,
+    tgt_sizes,
+    first_step=1,
+    commit_interval=50,
+    use_cuda=False,
+    precision=None,
+    progress=None,
+    abort_after=None,
+    background=True,
+):
+    """The dump's batch loop: teacher top-k of every batch, written to ``writer``.
+
+    The device computes batch ``i + 1`` while the host copies and writes
+    batch ``i`` (see :class:`BatchWriter`).
+
+    Args:
+        loader: batches of the split, in plan order.
+        teachers: frozen models, placed and cast.
+        writer: the store's ``TopKWriter``.
+        k: entries per position.
+        pad: padding id.
+        tgt_sizes: binarized target lengths, by sentence id.
+        first_step: number of the loader's first batch in the plan (1-based).
+        commit_interval: commit after every N-th batch of the plan.
+        use_cuda: move each batch to CUDA.
+        precision: the teachers' :class:`~fairseq_kd.teacher.TeacherPrecision`
+            (its autocast state; None: no autocast).
+        progress: called with ``(sentences, tokens)`` after each batch.
+        abort_after: test hook: stop the process after this batch number.
+        background: write in a background thread.
+
+    Returns:
+        ``(sentences, tokens)`` done.
+    """
+    device_type = "cuda" if use_cuda else "cpu"
+    autocast = (
+        precision.context(device_type)
+        if precision is not None
+        else torch.autocast(device_type, enabled=False)
+    )
+    n_sent = n_tok = 0
+    with BatchWriter(writer, background=background) as out, autocast:
+        for step, sample in enumerate(loader, start=first_step):
+            sent_ids = sample["id"].numpy()
+            lengths = sample["target"].ne(pad).sum(1).numpy()
+            if not np.array_equal(lengths, tgt_sizes[sent_ids]):
+                raise RuntimeError(
+                    "collated targets do not have the binarized lengths: the dump "
+                    "must see the targets as training does"
+                )
+            target = sample["target"]
+            if use_cuda:
+                sample = utils.move_to_cuda(sample)
+            sample = dict(sample, target=target)  # positions chosen on the host
+            values, indices, _ = topk_of_batch(teachers, sample, k, pad)
+            out.put(sent_ids, values, indices)
+            n_sent += len(sent_ids)
+            n_tok += int(lengths.sum())
+            if progress is not None:
+                progress(len(sent_ids), int(lengths.sum()))
+            if abort_after is not None and step >= abort_after:
+                out.close()  # this batch is written, as without the thread
+                logger.warning(f"{ABORT_ENV}={abort_after}: stopping hard (test hook)")
+                os._exit(3)
+            if step % commit_interval == 0:
+                out.commit(step)
+    return n_sent, n_tok
 
 
 def _abort_after():
@@ -211,11 +407,10 @@ def dump(cfg):
     paths = split_checkpoint_paths(cfg.common_eval.path)
     with torch.random.fork_rng(devices=[]):
         teachers = load_teacher_ensemble(cfg.common_eval.path, task)
-    for t in teachers:
-        if cfg.common.fp16:
-            t.half()
-        if use_cuda:
-            t.cuda()
+    precision = dump_precision(dump_cfg.teacher_precision, cfg.common, use_cuda)
+    place_teachers(
+        teachers, torch.device("cuda" if use_cuda else "cpu"), precision.weights
+    )
 
     plan = make_plan(dataset, max_tokens, max_sentences)
     batches = plan[shard_id::num_shards]
@@ -227,7 +422,7 @@ def dump(cfg):
         target_lang=task.cfg.target_lang,
         teachers=[{"path": p, "sha256": file_sha256(p)} for p in paths],
         dump={
-            "fp16": bool(cfg.common.fp16),
+            "precision": precision.name,
             "max_tokens": max_tokens,
             "batch_size": max_sentences,
         },
@@ -254,9 +449,6 @@ def dump(cfg):
         collate_fn=dataset.collater,
         num_workers=cfg.dataset.num_workers,
     )
-    abort_after = _abort_after()
-    pad = tgt_dict.pad()
-    n_sent = n_tok = 0
     t0 = time.perf_counter()
     bar = tqdm(
         total=writer.num_tokens,
@@ -267,29 +459,32 @@ def dump(cfg):
         disable=cfg.common.no_progress_bar,
         file=sys.stderr,
     )
-    for step, sample in enumerate(loader, start=start + 1):
-        if use_cuda:
-            sample = utils.move_to_cuda(sample)
-        values, indices, lengths, _ = topk_of_batch(teachers, sample, dump_cfg.k, pad)
-        sent_ids = sample["id"].cpu().numpy()
-        if not np.array_equal(lengths.cpu().numpy(), tgt_sizes[sent_ids]):
-            raise RuntimeError(
-                "collated targets do not have the binarized lengths: the dump "
-                "must see the targets as training does"
-            )
-        writer.write(sent_ids, values.cpu().numpy(), indices.cpu().numpy())
-        n_sent += len(sent_ids)
-        n_tok += int(lengths.sum())
+    done = {"sentences": 0}
+
+    def progress(sentences, tokens):
+        done["sentences"] += sentences
+        bar.update(tokens)
         elapsed = max(time.perf_counter() - t0, 1e-9)
-        bar.update(int(lengths.sum()))
-        bar.set_postfix(sent_s=f"{n_sent / elapsed:.0f}", refresh=False)
-        if abort_after is not None and step >= abort_after:
-            bar.close()
-            logger.warning(f"{ABORT_ENV}={abort_after}: stopping hard (test hook)")
-            os._exit(3)
-        if step % dump_cfg.commit_interval == 0:
-            writer.commit(step)
-    bar.close()
+        bar.set_postfix(sent_s=f"{done['sentences'] / elapsed:.0f}", refresh=False)
+
+    try:
+        n_sent, n_tok = write_batches(
+            loader,
+            teachers,
+            writer,
+            dump_cfg.k,
+            tgt_dict.pad(),
+            tgt_sizes,
+            first_step=start + 1,
+            commit_interval=dump_cfg.commit_interval,
+            use_cuda=use_cuda,
+            precision=precision,
+            progress=progress,
+            abort_after=_abort_after(),
+            background=dump_cfg.get("background_writer", True),
+        )
+    finally:
+        bar.close()
     loop_seconds = time.perf_counter() - t0
     header = writer.finalize()
     n_bytes = sum(spec["bytes"] for spec in header["arrays"].values())
@@ -333,6 +528,7 @@ def parse(argv=None):
                 "output": args.output,
                 "k": args.k,
                 "commit_interval": args.commit_interval,
+                "teacher_precision": args.teacher_precision,
             }
         )
     return cfg

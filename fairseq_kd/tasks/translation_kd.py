@@ -1,15 +1,25 @@
 """The ``translation_kd`` task: fairseq translation plus a frozen teacher."""
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from fairseq.dataclass import ChoiceEnum
+from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from fairseq_kd.checkpoints import load_teacher_ensemble, teacher_log_probs
+from fairseq_kd.checkpoints import load_teacher_ensemble
+from fairseq_kd.teacher import (
+    PRECISIONS,
+    current_autocast,
+    place_teachers,
+    resolve_precision,
+    teacher_distribution,
+)
 from fairseq_kd.topk_dataset import TEACHER_KEY, TopKTeacherDataset
 from fairseq_kd.topk_store import HEADER, PROGRESS, TopKStore, TopKStoreError
 
@@ -45,6 +55,16 @@ class TranslationKDConfig(TranslationConfig):
             "before training (reads each store once)"
         },
     )
+    teacher_precision: ChoiceEnum(PRECISIONS) = field(
+        default="auto",
+        metadata={
+            "help": "precision of the live teacher's forward pass: auto follows "
+            "the student (fp16 under --fp16, bf16 under --bf16, float32 weights "
+            "under the student's autocast with --amp, fp32 otherwise); fp32, "
+            "fp16 or bf16 set it whatever the student uses. Log-probabilities "
+            "are always normalised in float32"
+        },
+    )
 
 
 @register_task("translation_kd", dataclass=TranslationKDConfig)
@@ -54,8 +74,10 @@ class TranslationKDTask(TranslationTask):
     Before each training or validation step, the teacher's float32
     log-probabilities at temperature 1 are attached to the sample as
     ``sample["teacher"] = {"lprobs": B x T x S, "indices": B x T x S}``
-    (``indices`` is absent when ``S`` is the whole vocabulary). A criterion
-    such as ``word_kd`` reads them from there, whatever produced them.
+    (``indices`` is absent when ``S`` is the whole vocabulary; a live teacher
+    gives its top-``K`` when the criterion's ``kd_topk`` is ``K``). A
+    criterion such as ``word_kd`` reads them from there, whatever produced
+    them.
 
     Args:
         cfg: the task config.
@@ -212,28 +234,67 @@ class TranslationKDTask(TranslationTask):
             self.criterion.load_checkpoint_state(state["criterion"])
 
     def _teachers_like(self, model):
-        """Move the teachers to the student's device and floating dtype."""
-        param = next(model.parameters())
-        for teacher in self.teachers:
-            tparam = next(teacher.parameters())
-            if tparam.device != param.device or tparam.dtype != param.dtype:
-                teacher.to(device=param.device, dtype=param.dtype)
-        return self.teachers
+        """Place the teachers for ``model``: its device, and their precision.
 
-    def attach_teacher(self, sample, model):
+        Returns:
+            ``(teachers, precision)``; ``precision`` is the
+            :class:`~fairseq_kd.teacher.TeacherPrecision` of
+            ``--teacher-precision``, resolved against the student's parameter
+            dtype and the autocast state at the time of the call.
+        """
+        param = next(model.parameters())
+        precision = resolve_precision(
+            self.cfg.teacher_precision, param.dtype, current_autocast(param.device.type)
+        )
+        place_teachers(self.teachers, param.device, precision.weights)
+        return self.teachers, precision
+
+    def _live_topk(self, criterion=None):
+        """Entries per position the criterion uses (0: the whole vocabulary)."""
+        criterion = self.criterion if criterion is None else criterion
+        topk = int(getattr(criterion, "kd_topk", 0) or 0)
+        return topk if 0 < topk < len(self.target_dictionary) else 0
+
+    def attach_teacher(self, sample, model, criterion=None):
         """Add the live teacher's distributions to ``sample`` (in place).
+
+        With a criterion whose ``kd_topk`` is ``K > 0`` only the teacher's
+        top-K are attached (as a top-k store gives them): ``{"lprobs": B x T
+        x K, "indices": B x T x K}``, taken where the log-probabilities are
+        computed, a chunk of positions at a time; otherwise ``{"lprobs": B x
+        T x V}``. Log-probabilities are float32 at temperature 1.
 
         Args:
             sample: the mini-batch.
             model: the student (gives the device and precision).
+            criterion: the criterion that will read the sample (its
+                ``kd_topk``); default: the one :meth:`build_criterion` built.
         """
         if self.teachers is None or sample is None or TEACHER_KEY in sample:
             return sample
-        teachers = self._teachers_like(model)
-        with torch.no_grad():
-            lprobs = teacher_log_probs(teachers, sample["net_input"])  # B x T x V
+        teachers, precision = self._teachers_like(model)
+        device_type = next(model.parameters()).device.type
+        topk = self._live_topk(criterion)
+        with torch.no_grad(), precision.context(device_type):
+            lprobs, indices = teacher_distribution(
+                teachers, sample["net_input"], topk=topk
+            )  # B x T x K (or V)
         sample[TEACHER_KEY] = {"lprobs": lprobs}
+        if indices is not None:
+            sample[TEACHER_KEY]["indices"] = indices
         return sample
+
+    @staticmethod
+    def _student_autocast(model, optimizer):
+        """The autocast fairseq's ``train_step`` puts the student under.
+
+        fairseq runs the criterion under ``torch.cuda.amp.autocast`` (float16)
+        when the optimizer is an ``AMPOptimizer`` (``--amp``); the teacher is
+        attached outside that block, so the same state is set up for it here.
+        """
+        if isinstance(optimizer, AMPOptimizer) and next(model.parameters()).is_cuda:
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
 
     def train_step(
         self, sample, model, criterion, optimizer, update_num, ignore_grad=False
@@ -246,12 +307,13 @@ class TranslationKDTask(TranslationTask):
         begin = getattr(criterion, "begin_train_step", None)
         if begin is not None:
             begin(update_num, ignore_grad)
-        self.attach_teacher(sample, model)
+        with self._student_autocast(model, optimizer):
+            self.attach_teacher(sample, model, criterion)
         return super().train_step(
             sample, model, criterion, optimizer, update_num, ignore_grad
         )
 
     def valid_step(self, sample, model, criterion):
         """Attach the teacher's distributions, then validate as usual."""
-        self.attach_teacher(sample, model)
+        self.attach_teacher(sample, model, criterion)
         return super().valid_step(sample, model, criterion)
