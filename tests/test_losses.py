@@ -273,3 +273,88 @@ def test_teacher_distributions_must_cover_the_target_positions():
     check_teacher_positions(torch.zeros(2, 5, 8), target)
     with pytest.raises(RuntimeError, match=r"cover \(2, 4\) positions .* \(2, 5\)"):
         check_teacher_positions(torch.zeros(2, 4, 8), target)
+
+
+# --------------------------------------------------------------------------
+# the reworked KD term against the pre-issue-10 implementation
+
+
+def _reference_case(seed, lengths, V, support):
+    """Target, student logits and teacher (full and top-``support``) for a batch."""
+    g = torch.Generator().manual_seed(seed)
+    pad = 1
+    target = torch.full((len(lengths), max(lengths)), pad)
+    for b, n in enumerate(lengths):
+        target[b, :n] = torch.randint(4, V, (n,), generator=g)
+    logits = torch.randn(len(lengths), max(lengths), V, generator=g) * 2
+    full = torch.log_softmax(torch.randn(logits.shape, generator=g) * 3, dim=-1)
+    values, indices = full.topk(support, dim=-1)
+    perm = torch.randperm(support, generator=g)  # a store's arbitrary order
+    return target, logits, full, values[..., perm], indices[..., perm]
+
+
+REFERENCE_TABLE = [
+    (divergence, T, teacher, topk, selection, prefix)
+    for divergence in ("forward_kl", "reverse_kl", "js")
+    for T in (1.0, 2.0)
+    for teacher in ("full", "store")
+    for topk in (0, 5)
+    for selection in ("none", "batch", "global")
+    for prefix in (0, 1)
+]
+
+
+@pytest.mark.parametrize("divergence,T,teacher,topk,selection,prefix", REFERENCE_TABLE)
+def test_criterion_equals_the_pre_rework_implementation(
+    divergence, T, teacher, topk, selection, prefix
+):
+    """Values, logged counts and gradients equal the old criterion's.
+
+    Three training steps of different batch shapes (the global queue carries
+    over), then one evaluation step; every batch has padding.
+    """
+    from kd_reference import ReferenceWordKD
+
+    d = make_dictionary(V_WORDS + 4)
+    V = len(d)
+    options = dict(
+        kd_alpha=0.6,
+        kd_temperature=T,
+        kd_topk=topk,
+        ignore_prefix_size=prefix,
+        kd_divergence=divergence,
+        kd_selection=selection,
+        kd_selection_ratio=0.4,
+        kd_selection_queue_size=12,
+    )
+    new = WordKDCriterion(FakeTask(d), False, 0.1, **options)
+    old = ReferenceWordKD(FakeTask(d), False, 0.1, **options)
+    batches = [(5, 3), (6, 2, 4), (2, 7), (4, 4, 1)]
+    for step, lengths in enumerate(batches):
+        if step == len(batches) - 1:
+            new.eval(), old.eval()
+        target, logits, full, values, indices = _reference_case(step, lengths, V, 8)
+        results = []
+        for crit in (new, old):
+            if teacher == "full":
+                sample = make_sample(target, d.pad(), full.clone())
+            else:
+                sample = make_sample(target, d.pad(), values.clone(), indices.clone())
+            model = FakeModel(logits)
+            loss, size, log = crit(model, sample)
+            loss.backward()
+            results.append((loss, size, log, model.logits.grad))
+        (l1, s1, log1, g1), (l2, s2, log2, g2) = results
+        assert s1 == s2
+        assert float(l1) == pytest.approx(float(l2), rel=1e-5, abs=1e-5)
+        for key in ("nll_loss", "kd_loss"):
+            assert float(log1[key]) == pytest.approx(
+                float(log2[key]), rel=1e-5, abs=1e-5
+            )
+        if selection != "none":
+            assert int(log1["kd_selected"]) == int(log2["kd_selected"])
+            assert int(log1["kd_tokens"]) == int(log2["kd_tokens"])
+        assert float(log2["kd_loss"]) > 0
+        assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-6), (g1 - g2).abs().max()
+    if selection == "global":
+        assert torch.allclose(new.selection_history, old.history)
