@@ -315,6 +315,78 @@ def full_vocabulary_divergence(
     )
 
 
+class _NLLAndFullVocabularyKD(torch.autograd.Function):
+    """Gold-token NLL, smoothing sum and full-vocabulary divergence, one gradient.
+
+    The label-smoothed NLL's two terms and the KD term read the same student
+    log-probabilities; computed together, the backward pass writes their
+    gradients into a single ``N x V`` buffer instead of one per term.
+    """
+
+    @staticmethod
+    def forward(ctx, student, target, teacher, temperature, divergence):
+        ctx.save_for_backward(student, target, teacher)
+        ctx.options = (temperature, True, divergence)
+        # fairseq's label_smoothed_nll_loss, term for term
+        nll = -student.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # N
+        smooth = -student.sum(dim=-1)  # N
+        rows = [
+            _full_vocabulary_rows(student[start:end], teacher[start:end], *ctx.options)
+            for start, end in _row_steps(student.size(0), student.size(-1))
+        ]
+        kd = torch.cat(rows) if rows else at_least_float32(student.new_zeros(0))
+        return nll, smooth, kd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_nll, grad_smooth, grad_kd):
+        student, target, teacher = ctx.saved_tensors
+        grad = torch.empty_like(student)  # N x V
+        for start, end in _row_steps(student.size(0), student.size(-1)):
+            rows = _full_vocabulary_grad(
+                student[start:end], teacher[start:end], *ctx.options, grad_kd[start:end]
+            )
+            grad[start:end] = rows.sub_(grad_smooth[start:end].unsqueeze(-1))
+        grad.scatter_add_(
+            -1, target.unsqueeze(-1), -grad_nll.unsqueeze(-1).to(grad.dtype)
+        )
+        return grad, None, None, None, None
+
+
+def nll_and_full_vocabulary_kd(
+    student_lprobs, target, teacher_lprobs, temperature=1.0, divergence="forward_kl"
+):
+    """Per-token NLL, smoothing sum and KD term against a full-vocabulary teacher.
+
+    The same values as fairseq's ``label_smoothed_nll_loss`` pieces
+    (``-log p(gold)`` and ``-sum log p``) and :func:`full_vocabulary_divergence`
+    with ``temper_student``, with one gradient buffer for all three.
+
+    Args:
+        student_lprobs: student log-probabilities at temperature 1, ``N x V``.
+        target: gold ids, ``N``.
+        teacher_lprobs: teacher log-probabilities at temperature 1, ``N x V``.
+        temperature: distillation temperature ``T``.
+        divergence: ``forward_kl``, ``reverse_kl`` or ``js``.
+
+    Returns:
+        ``(nll, smooth, kd)``, each ``N``, not masked.
+    """
+    check_divergence(str(divergence))
+    if teacher_lprobs.shape != student_lprobs.shape:
+        raise RuntimeError(
+            f"a full-vocabulary teacher needs {tuple(student_lprobs.shape)} "
+            f"log-probabilities, got {tuple(teacher_lprobs.shape)}"
+        )
+    return _NLLAndFullVocabularyKD.apply(
+        student_lprobs,
+        target,
+        teacher_lprobs.detach(),
+        float(temperature),
+        str(divergence),
+    )
+
+
 class _TemperedLogProbsAt(torch.autograd.Function):
     """``log_softmax(student / T)`` read at ``indices`` only, in row chunks.
 

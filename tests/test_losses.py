@@ -328,14 +328,16 @@ def test_criterion_equals_the_pre_rework_implementation(
         kd_selection_queue_size=12,
     )
     new = WordKDCriterion(FakeTask(d), False, 0.1, **options)
+    plain = WordKDCriterion(FakeTask(d), False, 0.1, **options)
+    plain.share_gather = False  # the two-term path, not the fused ones
     old = ReferenceWordKD(FakeTask(d), False, 0.1, **options)
     batches = [(5, 3), (6, 2, 4), (2, 7), (4, 4, 1)]
     for step, lengths in enumerate(batches):
         if step == len(batches) - 1:
-            new.eval(), old.eval()
+            new.eval(), plain.eval(), old.eval()
         target, logits, full, values, indices = _reference_case(step, lengths, V, 8)
         results = []
-        for crit in (new, old):
+        for crit in (new, plain, old):
             if teacher == "full":
                 sample = make_sample(target, d.pad(), full.clone())
             else:
@@ -344,17 +346,22 @@ def test_criterion_equals_the_pre_rework_implementation(
             loss, size, log = crit(model, sample)
             loss.backward()
             results.append((loss, size, log, model.logits.grad))
-        (l1, s1, log1, g1), (l2, s2, log2, g2) = results
-        assert s1 == s2
-        assert float(l1) == pytest.approx(float(l2), rel=1e-5, abs=1e-5)
-        for key in ("nll_loss", "kd_loss"):
-            assert float(log1[key]) == pytest.approx(
-                float(log2[key]), rel=1e-5, abs=1e-5
-            )
-        if selection != "none":
-            assert int(log1["kd_selected"]) == int(log2["kd_selected"])
-            assert int(log1["kd_tokens"]) == int(log2["kd_tokens"])
-        assert float(log2["kd_loss"]) > 0
-        assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-6), (g1 - g2).abs().max()
+        for result in results[:-1]:
+            _assert_same_step(result, results[-1], selection)
     if selection == "global":
         assert torch.allclose(new.selection_history, old.history)
+        assert torch.allclose(plain.selection_history, old.history)
+
+
+def _assert_same_step(new, old, selection):
+    """One step's loss, sample size, logs and gradient agree (float32 tolerance)."""
+    (l1, s1, log1, g1), (l2, s2, log2, g2) = new, old
+    assert s1 == s2
+    assert float(l1) == pytest.approx(float(l2), rel=1e-5, abs=1e-5)
+    for key in ("nll_loss", "kd_loss"):
+        assert float(log1[key]) == pytest.approx(float(log2[key]), rel=1e-5, abs=1e-5)
+    if selection != "none":
+        assert int(log1["kd_selected"]) == int(log2["kd_selected"])
+        assert int(log1["kd_tokens"]) == int(log2["kd_tokens"])
+    assert float(log2["kd_loss"]) > 0
+    assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-6), (g1 - g2).abs().max()

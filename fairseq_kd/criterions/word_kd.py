@@ -23,6 +23,7 @@ from fairseq_kd.losses import (
     forward_kl,
     gold_token_nll,
     kd_divergence_per_token,
+    nll_and_full_vocabulary_kd,
     push_queue,
     queue_threshold,
     restrict_topk,
@@ -236,7 +237,8 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         kd_temperature_schedule: schedule of ``kd_temperature``.
     """
 
-    share_gather = True  # one gather for both terms where possible (tests: False)
+    # one gather / one gradient buffer for both terms where possible (tests: False)
+    share_gather = True
 
     def __init__(
         self,
@@ -411,6 +413,14 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
                 lprobs, model, net_output, sample, teacher
             )
             loss = (1.0 - self.kd_alpha) * loss + self.kd_alpha * kd_loss  # T = 1
+        elif self.kd_alpha > 0 and self._fuses_full_vocabulary(teacher):
+            loss, nll_loss, kd_tokens, selection = self.compute_losses_fused(
+                lprobs, model, net_output, sample, teacher, reduce=reduce
+            )
+            kd_loss = kd_tokens.sum()
+            loss = (1.0 - self.kd_alpha) * loss + (
+                self.kd_alpha * self.kd_temperature**2
+            ) * (kd_loss if reduce else kd_tokens)
         else:
             loss, nll_loss = self.compute_loss_from_lprobs(
                 lprobs, model, net_output, sample, reduce=reduce
@@ -451,15 +461,19 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
     def _shares_gather(self, teacher):
         """Whether both loss terms can read the student through one gather.
 
-        True for a top-k teacher (``indices`` present) with forward KL at
-        T = 1, no token selection and no ignored prefix: the NLL's target ids
-        and the teacher's ids are then gathered together, so the backward
-        pass scatters into one dense ``B x T x V`` gradient instead of two.
+        True for a top-k teacher (``indices`` present, or a full-vocabulary
+        teacher restricted by ``--kd-topk``) with forward KL at T = 1, no
+        token selection and no ignored prefix: the NLL's target ids and the
+        teacher's ids are then gathered together, so the backward pass
+        scatters into one dense ``B x T x V`` gradient instead of two.
         """
+        top_k = teacher is not None and (
+            teacher.get("indices") is not None
+            or 0 < self.kd_topk < teacher["lprobs"].size(-1)
+        )
         return (
             self.share_gather
-            and teacher is not None
-            and teacher.get("indices") is not None
+            and top_k
             and self.kd_temperature == 1.0
             and self.kd_divergence == "forward_kl"
             and self.kd_selection == "none"
@@ -478,20 +492,21 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             model: the student.
             net_output: the student's output on ``sample``.
             sample: the mini-batch.
-            teacher: ``{"lprobs": B x T x S, "indices": B x T x S}``.
+            teacher: ``{"lprobs": B x T x S, "indices": B x T x S}`` (or a
+                full-vocabulary ``lprobs`` restricted by ``--kd-topk``).
 
         Returns:
             ``(label-smoothed loss, nll_loss, kd_loss)``, each summed.
         """
         target = model.get_targets(sample, net_output)  # B x T
-        teacher_lprobs, indices = teacher["lprobs"], teacher["indices"]
+        teacher_lprobs, indices = teacher["lprobs"], teacher.get("indices")
         check_teacher_positions(teacher_lprobs, target)
         vocab, support = lprobs.size(-1), teacher_lprobs.size(-1)
         lprobs = lprobs.reshape(-1, vocab)  # N x V
         target = target.reshape(-1, 1)  # N x 1
         teacher_lprobs, indices = restrict_topk(
             teacher_lprobs.reshape(-1, support),
-            indices.reshape(-1, support),
+            None if indices is None else indices.reshape(-1, support),
             self.kd_topk,
         )  # N x K
         ids = torch.cat([target, indices.to(target.dtype)], dim=-1)  # N x 1+K
@@ -506,6 +521,81 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         kl = forward_kl(logq, at_least_float32(gathered[:, 1:]))  # N
         kd_loss = kl.masked_fill(pad_mask.squeeze(-1), 0.0).sum()
         return loss, nll_loss, kd_loss
+
+    def _fuses_full_vocabulary(self, teacher):
+        """Whether the NLL and a full-vocabulary KD term share one gradient.
+
+        True for a teacher over the whole vocabulary (no ``indices``, no
+        ``--kd-topk`` below its size), any divergence, temperature, selection
+        and prefix: :meth:`compute_losses_fused` then applies.
+        """
+        return (
+            self.share_gather
+            and teacher is not None
+            and teacher.get("indices") is None
+            and not (0 < self.kd_topk < teacher["lprobs"].size(-1))
+        )
+
+    def compute_losses_fused(self, lprobs, model, net_output, sample, teacher, reduce):
+        """Label-smoothed NLL and a full-vocabulary KD term, one gradient buffer.
+
+        The same values as :meth:`compute_loss_from_lprobs` followed by
+        :meth:`compute_kd_per_token` (checked in the tests), through
+        :func:`fairseq_kd.losses.nll_and_full_vocabulary_kd`.
+
+        Args:
+            lprobs: the student's log-probabilities at T = 1, ``B x T x V``.
+            model: the student.
+            net_output: the student's output on ``sample``.
+            sample: the mini-batch.
+            teacher: ``{"lprobs": B x T x V}``.
+            reduce: sum the losses (else ``B * T`` per-token values).
+
+        Returns:
+            ``(label-smoothed loss, nll_loss, kd, selection)``: the first two
+            summed (or per token), ``kd`` per token as in
+            :meth:`compute_kd_per_token`, and the selection counts.
+        """
+        target = self.loss_target(model, net_output, sample)  # B x T
+        teacher_lprobs = teacher["lprobs"]  # B x T x V
+        check_teacher_positions(teacher_lprobs, target)
+        vocab = lprobs.size(-1)
+        flat_lprobs = lprobs.reshape(-1, vocab)  # N x V
+        flat_target = target.reshape(-1)  # N
+        keep, selection = self.kd_tokens(flat_lprobs, flat_target)
+        nll, smooth, kd = nll_and_full_vocabulary_kd(
+            flat_lprobs,
+            flat_target,
+            teacher_lprobs.reshape(-1, teacher_lprobs.size(-1)),
+            self.kd_temperature,
+            self.kd_divergence,
+        )  # N each
+        pad_mask = flat_target.eq(self.padding_idx)
+        nll, smooth = nll.masked_fill(pad_mask, 0.0), smooth.masked_fill(pad_mask, 0.0)
+        if reduce:
+            nll, smooth = nll.sum(), smooth.sum()
+        eps_i = self.eps / (vocab - 1)
+        loss = (1.0 - self.eps - eps_i) * nll + eps_i * smooth
+        return loss, nll, kd.masked_fill(~keep, 0.0), selection
+
+    def kd_tokens(self, flat_lprobs, flat_target):
+        """Which tokens get the KD term, and the selection counts.
+
+        Args:
+            flat_lprobs: the student's log-probabilities at T = 1, ``N x V``.
+            flat_target: the target with the prefix padded, ``N``.
+
+        Returns:
+            ``(keep, selection)``: a boolean mask ``N`` (non-padding, selected
+            with ``--kd-selection``), and ``(selected, candidates)`` counts
+            as 0-dim tensors (None without selection).
+        """
+        keep = flat_target.ne(self.padding_idx)  # N
+        if self.kd_selection == "none":
+            return keep, None
+        ce = gold_token_nll(flat_lprobs, flat_target, self.padding_idx)  # N
+        selected = self.select_tokens(ce, keep)
+        return selected, (selected.sum(), keep.sum())
 
     def loss_target(self, model, net_output, sample):
         """The target with the ignored prefix (``--ignore-prefix-size``) padded.
@@ -585,13 +675,7 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         vocab, support = lprobs.size(-1), teacher_lprobs.size(-1)
         flat_lprobs = lprobs.reshape(-1, vocab)  # N x V
         flat_target = target.reshape(-1)  # N
-        keep = flat_target.ne(self.padding_idx)  # N
-        selection = None
-        if self.kd_selection != "none":
-            ce = gold_token_nll(flat_lprobs, flat_target, self.padding_idx)  # N
-            selected = self.select_tokens(ce, keep)
-            selection = (selected.sum(), keep.sum())
-            keep = selected
+        keep, selection = self.kd_tokens(flat_lprobs, flat_target)
         kd = kd_divergence_per_token(
             flat_lprobs,
             teacher_lprobs.reshape(-1, support),
