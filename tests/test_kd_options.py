@@ -858,3 +858,47 @@ def test_fixed_size_queue_equals_the_history(size):
                 assert float(got) == float(history_threshold(history, ratio))
             else:
                 assert float(got) == float("-inf")
+
+
+# --------------------------------------------------------------------------
+# the memory benchmark's small form
+
+
+@pytest.mark.slow
+def test_memory_benchmark_small_form_prints_its_ratios(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = os.path.join(REPO, "scripts", "bench_memory.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, script, "--small", "--workdir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)  # the table, with pytest -s
+    rows = {}
+    for line in proc.stdout.splitlines():
+        for name in (
+            "label_smoothed_cross_entropy",
+            "word_kd live, full vocabulary, T=1",
+            "word_kd live, full vocabulary, T=2",
+            "word_kd live, --kd-topk 8",
+            "word_kd from a top-8 store",
+        ):
+            if line.startswith(name + " "):
+                rows[name] = line[len(name) :].split()
+    assert len(rows) == 5, proc.stdout
+    for name, fields in rows.items():
+        peak, excess, ratio = (float(x) for x in fields[:3])
+        assert math.isfinite(peak) and peak > 0, name
+        assert math.isfinite(ratio) and ratio > 0, name
+    assert float(rows["label_smoothed_cross_entropy"][1]) > 0  # logits show up
+    assert float(rows["label_smoothed_cross_entropy"][2]) == 1.0
+    for name in list(rows)[1:]:
+        assert rows[name][3].startswith("<="), rows[name]  # the goal is printed
