@@ -13,17 +13,25 @@ def make_dictionary(n_words):
 
 
 class FakeModel(torch.nn.Module):
-    """A "model" whose logits are a free parameter of shape B x T x V."""
+    """A "model" whose logits are a free parameter of shape B x T x V.
 
-    def __init__(self, logits):
+    Its (log-)probabilities keep the logits' dtype (float64, float32, or
+    half precision for the mixed-precision tests) unless ``lprobs_dtype``
+    names another one (fairseq's models return float32).
+    """
+
+    def __init__(self, logits, lprobs_dtype=None):
         super().__init__()
         self.logits = torch.nn.Parameter(logits.clone())
+        self.lprobs_dtype = lprobs_dtype
 
     def forward(self, **net_input):
         return self.logits, {"attn": None}
 
     def get_normalized_probs(self, net_output, log_probs, sample=None):
-        logits = net_output[0].float()
+        logits = net_output[0]
+        if self.lprobs_dtype is not None:
+            logits = logits.to(self.lprobs_dtype)
         if log_probs:
             return torch.log_softmax(logits, dim=-1)
         return torch.softmax(logits, dim=-1)

@@ -20,7 +20,10 @@ from fairseq_kd.criterions.word_kd import WordKDCriterion
 from fairseq_kd.losses import (
     history_threshold,
     num_kept,
+    num_kept_tensor,
     push_history,
+    push_queue,
+    queue_threshold,
     select_top_fraction,
     word_kd_divergence,
 )
@@ -715,3 +718,187 @@ def test_batch_selection_and_schedules_from_fairseq_train(data_bin, teacher, tmp
             temperature(update - 1), abs=1e-4
         )
         assert math.isfinite(float(rec["loss"])) and float(rec["kd_loss"]) >= 0
+
+
+# --------------------------------------------------------------------------
+# no host synchronisation in the training step
+
+
+class HostSync(AssertionError):
+    """A value was read back to the host during the criterion's forward."""
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Make every way of reading a tensor back to Python raise ``HostSync``.
+
+    ``.item()``, ``int()``, ``float()``, ``bool()`` (an ``if`` on a tensor),
+    ``tolist``/``numpy``, ``nonzero`` and ``masked_select``, and indexing
+    with a boolean mask (a data-dependent shape) all need the device's
+    values on the host; on a GPU each of them waits for the device.
+    """
+    state = {"armed": False}
+
+    def refuse(name, original):
+        def wrapper(self, *args, **kwargs):
+            if state["armed"]:
+                raise HostSync(f"Tensor.{name} during the forward pass")
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "__int__", "__float__", "__bool__", "__index__", "tolist",
+                 "numpy", "nonzero", "masked_select"):  # fmt: skip
+        monkeypatch.setattr(
+            torch.Tensor, name, refuse(name, getattr(torch.Tensor, name))
+        )
+    original_getitem = torch.Tensor.__getitem__
+
+    def getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if state["armed"] and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts
+        ):
+            raise HostSync("boolean-mask indexing during the forward pass")
+        return original_getitem(self, index)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+    for name in ("nonzero", "masked_select"):
+        monkeypatch.setattr(torch, name, refuse(name, getattr(torch, name)))
+    return state
+
+
+@pytest.mark.parametrize("selection", ["batch", "global"])
+@pytest.mark.parametrize("teacher_form", ["full", "store"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_selective_kd_forward_never_syncs_the_host(
+    no_host_sync, selection, teacher_form, T
+):
+    d = make_dictionary(V_WORDS)
+    pad = d.pad()
+    crit = criterion(
+        FakeTask(d),
+        alpha=0.5,
+        T=T,
+        eps=0.1,
+        kd_selection=selection,
+        kd_selection_ratio=0.4,
+        kd_selection_queue_size=10,
+        ignore_prefix_size=1,
+    )
+    reference = criterion(
+        FakeTask(d),
+        alpha=0.5,
+        T=T,
+        eps=0.1,
+        kd_selection=selection,
+        kd_selection_ratio=0.4,
+        kd_selection_queue_size=10,
+        ignore_prefix_size=1,
+    )
+    for step, lengths in enumerate([(5, 3), (6, 2, 4), (1,), (7, 7)]):
+        target, logits, teacher = random_sample(d, step, lengths)
+        indices = None
+        if teacher_form == "store":
+            teacher, indices = teacher.topk(5, dim=-1)
+        crit.begin_train_step(step, ignore_grad=(step == 2))
+        reference.begin_train_step(step, ignore_grad=(step == 2))
+        model, sample = FakeModel(logits), make_sample(target, pad, teacher, indices)
+        no_host_sync["armed"] = True
+        loss, _, log = crit(model, sample)
+        loss.backward()
+        no_host_sync["armed"] = False
+        # the same values as an unpatched run (counts are tensors until logged)
+        ref_loss, _, ref_log = reference(
+            FakeModel(logits), make_sample(target, pad, teacher, indices)
+        )
+        assert torch.is_tensor(log["kd_selected"]) and torch.is_tensor(log["kd_tokens"])
+        assert torch.equal(loss, ref_loss)
+        assert int(log["kd_selected"]) == int(ref_log["kd_selected"])
+        assert int(log["kd_tokens"]) == int(target[:, 1:].ne(pad).sum())
+    if selection == "global":
+        assert torch.equal(crit.selection_history, reference.selection_history)
+
+
+def test_the_host_sync_check_has_teeth(no_host_sync):
+    no_host_sync["armed"] = True
+    x = torch.arange(4.0)
+    with pytest.raises(HostSync):
+        int(x.sum())
+    with pytest.raises(HostSync):
+        x[x > 1]
+    with pytest.raises(HostSync):
+        if x.sum() > 0:
+            pass
+    x[1:]  # slicing is fine
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 1 / 3, 0.7, 1.0])
+def test_num_kept_tensor_equals_num_kept(ratio):
+    n = torch.arange(0, 200)
+    assert num_kept_tensor(ratio, n).tolist() == [num_kept(ratio, int(i)) for i in n]
+
+
+@pytest.mark.parametrize("size", [1, 5, 13])
+def test_fixed_size_queue_equals_the_history(size):
+    """push_queue / queue_threshold give push_history / history_threshold."""
+    rng = np.random.RandomState(size)
+    history, queue, count = None, None, None
+    for step in range(10):
+        n = rng.randint(0, 9)
+        values = torch.from_numpy(rng.randint(0, 6, n).astype(np.float32))  # ties
+        valid = torch.from_numpy(rng.rand(n) > 0.3)
+        history = push_history(history, values[valid], size)
+        queue, count = push_queue(queue, count, values, valid, size)
+        assert int(count) == history.numel()
+        assert queue[size - int(count) :].tolist() == history.tolist()
+        for ratio in (0.2, 0.5, 1.0):
+            got = queue_threshold(queue, count, ratio)
+            if history.numel():
+                assert float(got) == float(history_threshold(history, ratio))
+            else:
+                assert float(got) == float("-inf")
+
+
+# --------------------------------------------------------------------------
+# the memory benchmark's small form
+
+
+@pytest.mark.slow
+def test_memory_benchmark_small_form_prints_its_ratios(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = os.path.join(REPO, "scripts", "bench_memory.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, script, "--small", "--workdir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)  # the table, with pytest -s
+    rows = {}
+    for line in proc.stdout.splitlines():
+        for name in (
+            "label_smoothed_cross_entropy",
+            "word_kd live, full vocabulary, T=1",
+            "word_kd live, full vocabulary, T=2",
+            "word_kd live, --kd-topk 8",
+            "word_kd from a top-8 store",
+        ):
+            if line.startswith(name + " "):
+                rows[name] = line[len(name) :].split()
+    assert len(rows) == 5, proc.stdout
+    for name, fields in rows.items():
+        peak, excess, ratio = (float(x) for x in fields[:3])
+        assert math.isfinite(peak) and peak > 0, name
+        assert math.isfinite(ratio) and ratio > 0, name
+    assert float(rows["label_smoothed_cross_entropy"][1]) > 0  # logits show up
+    assert float(rows["label_smoothed_cross_entropy"][2]) == 1.0
+    for name in list(rows)[1:]:
+        assert rows[name][3].startswith("<="), rows[name]  # the goal is printed

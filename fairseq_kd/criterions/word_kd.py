@@ -22,13 +22,15 @@ from fairseq_kd.losses import (
     at_least_float32,
     forward_kl,
     gold_token_nll,
-    history_threshold,
-    push_history,
+    kd_divergence_per_token,
+    nll_and_full_vocabulary_kd,
+    push_queue,
+    queue_threshold,
     restrict_topk,
+    right_align,
     select_above,
     select_top_fraction,
     teacher_log_distribution,
-    word_kd_divergence,
 )
 from fairseq_kd.schedules import parse_schedule
 from fairseq_kd.tasks.translation_kd import TEACHER_KEY
@@ -235,7 +237,8 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         kd_temperature_schedule: schedule of ``kd_temperature``.
     """
 
-    share_gather = True  # one gather for both terms where possible (tests: False)
+    # one gather / one gradient buffer for both terms where possible (tests: False)
+    share_gather = True
 
     def __init__(
         self,
@@ -291,7 +294,8 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         self.kd_selection = str(kd_selection)
         self.kd_selection_ratio = kd_selection_ratio
         self.kd_selection_queue_size = kd_selection_queue_size
-        self.selection_history = None  # global selection: 1-D, oldest first
+        # global selection: a fixed-size queue (see fairseq_kd.losses.push_queue)
+        self._queue, self._queue_count = None, None
         self.push_to_history = True  # False for fairseq's dummy batches
         self.num_updates = 0
         # the current values; begin_train_step moves them along the schedules
@@ -333,11 +337,34 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         if not self.temperature_schedule.is_constant:
             metrics.log_scalar("kd_temperature", self.kd_temperature, weight=0, round=4)
 
+    @property
+    def selection_history(self):
+        """The global selection queue, oldest first (1-D), or None.
+
+        Reading it copies the used slots out of the fixed-size queue (a host
+        synchronisation: for checkpoints and tests, not the training step).
+        """
+        if self._queue is None:
+            return None
+        return self._queue[self._queue.numel() - int(self._queue_count) :]
+
+    @selection_history.setter
+    def selection_history(self, history):
+        if history is None:
+            self._queue, self._queue_count = None, None
+            return
+        history = history.detach().reshape(-1)[-self.kd_selection_queue_size :]
+        self._queue = history.new_full((self.kd_selection_queue_size,), float("nan"))
+        if history.numel() > 0:
+            self._queue[-history.numel() :] = history
+        self._queue_count = torch.tensor(history.numel(), device=history.device)
+
     def checkpoint_state(self):
         """State to save with each checkpoint (the global selection queue)."""
-        if self.selection_history is None:
+        history = self.selection_history
+        if history is None or history.numel() == 0:
             return {}
-        return {"selection_history": self.selection_history.detach().cpu()}
+        return {"selection_history": history.detach().cpu()}
 
     def load_checkpoint_state(self, state):
         """Restore what :meth:`checkpoint_state` returned.
@@ -347,7 +374,7 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         """
         history = (state or {}).get("selection_history")
         if history is not None and self.kd_selection == "global":
-            self.selection_history = history[-self.kd_selection_queue_size :].clone()
+            self.selection_history = history
             logger.info(
                 f"restored the --kd-selection global queue "
                 f"({history.numel()} cross-entropies)"
@@ -359,13 +386,16 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         Args:
             model: the student.
             sample: the mini-batch, with ``sample["teacher"]`` when KD is on.
-            reduce: sum the losses (as fairseq's criterions).
+            reduce: sum the losses (as fairseq's criterions). With
+                ``reduce=False`` the loss is a vector of ``B * T`` per-token
+                losses ``(1 - a) * ls_nll_i + a * T^2 * kd_i`` (0 at padding
+                and in the ignored prefix) whose sum is the reduced loss.
 
         Returns:
             ``(loss, sample_size, logging_output)``.
         """
         net_output = model(**sample["net_input"])
-        # one log-softmax over the vocabulary serves both terms when T = 1
+        # one log-softmax over the vocabulary serves both terms, at any T
         lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
         teacher = sample.get(TEACHER_KEY)
         kd_loss, selection = None, None
@@ -383,57 +413,67 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
                 lprobs, model, net_output, sample, teacher
             )
             loss = (1.0 - self.kd_alpha) * loss + self.kd_alpha * kd_loss  # T = 1
-        elif self.kd_alpha > 0:
-            loss, nll_loss = self.compute_loss_from_lprobs(
-                lprobs, model, net_output, sample, reduce=reduce
+        elif self.kd_alpha > 0 and self._fuses_full_vocabulary(teacher):
+            loss, nll_loss, kd_tokens, selection = self.compute_losses_fused(
+                lprobs, model, net_output, sample, teacher, reduce=reduce
             )
-            kd_loss, selection = self.compute_kd_loss(
-                model, net_output, sample, teacher, lprobs
-            )
+            kd_loss = kd_tokens.sum()
             loss = (1.0 - self.kd_alpha) * loss + (
                 self.kd_alpha * self.kd_temperature**2
-            ) * kd_loss
-        else:  # logged only: the loss stays exactly label-smoothed CE
+            ) * (kd_loss if reduce else kd_tokens)
+        else:
             loss, nll_loss = self.compute_loss_from_lprobs(
                 lprobs, model, net_output, sample, reduce=reduce
             )
-            with torch.no_grad():
-                kd_loss, selection = self.compute_kd_loss(
+            # with alpha = 0 the term is only logged: the loss stays LS-CE
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd_alpha > 0):
+                kd_tokens, selection = self.compute_kd_per_token(
                     model, net_output, sample, teacher, lprobs
-                )
+                )  # N
+            kd_loss = kd_tokens.sum()
+            if self.kd_alpha > 0:
+                loss = (1.0 - self.kd_alpha) * loss + (
+                    self.kd_alpha * self.kd_temperature**2
+                ) * (kd_loss if reduce else kd_tokens)
         # (validation of a split without a top-k store: label-smoothed CE only)
         sample_size = (
             sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         )
         logging_output = {
-            "loss": loss.data,
-            "nll_loss": nll_loss.data,
+            "loss": loss.data if reduce else loss.data.sum(),
+            "nll_loss": nll_loss.data if reduce else nll_loss.data.sum(),
             "ntokens": sample["ntokens"],
             "nsentences": sample["target"].size(0),
             "sample_size": sample_size,
         }
         if kd_loss is not None:
             logging_output["kd_loss"] = kd_loss.data
-        if selection is not None:
+        if selection is not None:  # tensors: read back only when logging
             logging_output["kd_selected"], logging_output["kd_tokens"] = selection
         if self.report_accuracy:
-            n_correct, total = self.compute_accuracy(model, net_output, sample)
-            logging_output["n_correct"] = utils.item(n_correct.data)
-            logging_output["total"] = utils.item(total.data)
+            n_correct, total = self.compute_accuracy_from_lprobs(
+                lprobs, model, net_output, sample
+            )
+            logging_output["n_correct"] = n_correct
+            logging_output["total"] = total
         return loss, sample_size, logging_output
 
     def _shares_gather(self, teacher):
         """Whether both loss terms can read the student through one gather.
 
-        True for a top-k teacher (``indices`` present) with forward KL at
-        T = 1, no token selection and no ignored prefix: the NLL's target ids
-        and the teacher's ids are then gathered together, so the backward
-        pass scatters into one dense ``B x T x V`` gradient instead of two.
+        True for a top-k teacher (``indices`` present, or a full-vocabulary
+        teacher restricted by ``--kd-topk``) with forward KL at T = 1, no
+        token selection and no ignored prefix: the NLL's target ids and the
+        teacher's ids are then gathered together, so the backward pass
+        scatters into one dense ``B x T x V`` gradient instead of two.
         """
+        top_k = teacher is not None and (
+            teacher.get("indices") is not None
+            or 0 < self.kd_topk < teacher["lprobs"].size(-1)
+        )
         return (
             self.share_gather
-            and teacher is not None
-            and teacher.get("indices") is not None
+            and top_k
             and self.kd_temperature == 1.0
             and self.kd_divergence == "forward_kl"
             and self.kd_selection == "none"
@@ -444,28 +484,29 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         """Label-smoothed NLL and forward-KL term from a single gather.
 
         The same values as :meth:`compute_loss_from_lprobs` followed by
-        :meth:`compute_kd_loss` (checked in the tests), for the cases that
-        :meth:`_shares_gather` accepts.
+        :meth:`compute_kd_per_token` (checked in the tests), for the cases
+        that :meth:`_shares_gather` accepts.
 
         Args:
             lprobs: the student's log-probabilities, ``B x T x V``.
             model: the student.
             net_output: the student's output on ``sample``.
             sample: the mini-batch.
-            teacher: ``{"lprobs": B x T x S, "indices": B x T x S}``.
+            teacher: ``{"lprobs": B x T x S, "indices": B x T x S}`` (or a
+                full-vocabulary ``lprobs`` restricted by ``--kd-topk``).
 
         Returns:
             ``(label-smoothed loss, nll_loss, kd_loss)``, each summed.
         """
         target = model.get_targets(sample, net_output)  # B x T
-        teacher_lprobs, indices = teacher["lprobs"], teacher["indices"]
+        teacher_lprobs, indices = teacher["lprobs"], teacher.get("indices")
         check_teacher_positions(teacher_lprobs, target)
         vocab, support = lprobs.size(-1), teacher_lprobs.size(-1)
         lprobs = lprobs.reshape(-1, vocab)  # N x V
         target = target.reshape(-1, 1)  # N x 1
         teacher_lprobs, indices = restrict_topk(
             teacher_lprobs.reshape(-1, support),
-            indices.reshape(-1, support),
+            None if indices is None else indices.reshape(-1, support),
             self.kd_topk,
         )  # N x K
         ids = torch.cat([target, indices.to(target.dtype)], dim=-1)  # N x 1+K
@@ -481,6 +522,94 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         kd_loss = kl.masked_fill(pad_mask.squeeze(-1), 0.0).sum()
         return loss, nll_loss, kd_loss
 
+    def _fuses_full_vocabulary(self, teacher):
+        """Whether the NLL and a full-vocabulary KD term share one gradient.
+
+        True for a teacher over the whole vocabulary (no ``indices``, no
+        ``--kd-topk`` below its size), any divergence, temperature, selection
+        and prefix: :meth:`compute_losses_fused` then applies.
+        """
+        return (
+            self.share_gather
+            and teacher is not None
+            and teacher.get("indices") is None
+            and not (0 < self.kd_topk < teacher["lprobs"].size(-1))
+        )
+
+    def compute_losses_fused(self, lprobs, model, net_output, sample, teacher, reduce):
+        """Label-smoothed NLL and a full-vocabulary KD term, one gradient buffer.
+
+        The same values as :meth:`compute_loss_from_lprobs` followed by
+        :meth:`compute_kd_per_token` (checked in the tests), through
+        :func:`fairseq_kd.losses.nll_and_full_vocabulary_kd`.
+
+        Args:
+            lprobs: the student's log-probabilities at T = 1, ``B x T x V``.
+            model: the student.
+            net_output: the student's output on ``sample``.
+            sample: the mini-batch.
+            teacher: ``{"lprobs": B x T x V}``.
+            reduce: sum the losses (else ``B * T`` per-token values).
+
+        Returns:
+            ``(label-smoothed loss, nll_loss, kd, selection)``: the first two
+            summed (or per token), ``kd`` per token as in
+            :meth:`compute_kd_per_token`, and the selection counts.
+        """
+        target = self.loss_target(model, net_output, sample)  # B x T
+        teacher_lprobs = teacher["lprobs"]  # B x T x V
+        check_teacher_positions(teacher_lprobs, target)
+        vocab = lprobs.size(-1)
+        flat_lprobs = lprobs.reshape(-1, vocab)  # N x V
+        flat_target = target.reshape(-1)  # N
+        keep, selection = self.kd_tokens(flat_lprobs, flat_target)
+        nll, smooth, kd = nll_and_full_vocabulary_kd(
+            flat_lprobs,
+            flat_target,
+            teacher_lprobs.reshape(-1, teacher_lprobs.size(-1)),
+            self.kd_temperature,
+            self.kd_divergence,
+        )  # N each
+        pad_mask = flat_target.eq(self.padding_idx)
+        nll, smooth = nll.masked_fill(pad_mask, 0.0), smooth.masked_fill(pad_mask, 0.0)
+        if reduce:
+            nll, smooth = nll.sum(), smooth.sum()
+        eps_i = self.eps / (vocab - 1)
+        loss = (1.0 - self.eps - eps_i) * nll + eps_i * smooth
+        return loss, nll, kd.masked_fill(~keep, 0.0), selection
+
+    def kd_tokens(self, flat_lprobs, flat_target):
+        """Which tokens get the KD term, and the selection counts.
+
+        Args:
+            flat_lprobs: the student's log-probabilities at T = 1, ``N x V``.
+            flat_target: the target with the prefix padded, ``N``.
+
+        Returns:
+            ``(keep, selection)``: a boolean mask ``N`` (non-padding, selected
+            with ``--kd-selection``), and ``(selected, candidates)`` counts
+            as 0-dim tensors (None without selection).
+        """
+        keep = flat_target.ne(self.padding_idx)  # N
+        if self.kd_selection == "none":
+            return keep, None
+        ce = gold_token_nll(flat_lprobs, flat_target, self.padding_idx)  # N
+        selected = self.select_tokens(ce, keep)
+        return selected, (selected.sum(), keep.sum())
+
+    def loss_target(self, model, net_output, sample):
+        """The target with the ignored prefix (``--ignore-prefix-size``) padded.
+
+        Masking the prefix instead of slicing it keeps the ``B x T x V``
+        log-probabilities as they are (a slice would be copied to be
+        flattened); the prefix then counts as padding in both terms.
+        """
+        target = model.get_targets(sample, net_output)  # B x T
+        if self.ignore_prefix_size > 0:
+            target = target.clone()
+            target[:, : self.ignore_prefix_size] = self.padding_idx
+        return target
+
     def compute_loss_from_lprobs(self, lprobs, model, net_output, sample, reduce=True):
         """fairseq's label-smoothed NLL, from already normalised ``lprobs``.
 
@@ -489,19 +618,74 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             model: the student.
             net_output: the student's output on ``sample``.
             sample: the mini-batch.
-            reduce: sum the losses.
+            reduce: sum the losses (else ``B * T`` per-token values, 0 at
+                padding and in the ignored prefix).
         """
-        target = model.get_targets(sample, net_output)  # B x T
-        if self.ignore_prefix_size > 0:
-            lprobs = lprobs[:, self.ignore_prefix_size :, :].contiguous()
-            target = target[:, self.ignore_prefix_size :].contiguous()
-        return label_smoothed_nll_loss(
-            lprobs.view(-1, lprobs.size(-1)),
-            target.view(-1),
+        target = self.loss_target(model, net_output, sample)  # B x T
+        loss, nll_loss = label_smoothed_nll_loss(
+            lprobs.reshape(-1, lprobs.size(-1)),
+            target.reshape(-1),
             self.eps,
             ignore_index=self.padding_idx,
             reduce=reduce,
         )
+        if not reduce:
+            loss, nll_loss = loss.reshape(-1), nll_loss.reshape(-1)  # N
+        return loss, nll_loss
+
+    def compute_accuracy_from_lprobs(self, lprobs, model, net_output, sample):
+        """Correct argmax predictions and counted tokens, as 0-dim tensors.
+
+        Args:
+            lprobs: the student's log-probabilities, ``B x T x V``.
+            model: the student.
+            net_output: the student's output on ``sample``.
+            sample: the mini-batch.
+        """
+        target = self.loss_target(model, net_output, sample)  # B x T
+        mask = target.ne(self.padding_idx)
+        n_correct = (lprobs.argmax(-1).eq(target) & mask).sum()
+        return n_correct, mask.sum()
+
+    def compute_kd_per_token(self, model, net_output, sample, teacher, lprobs):
+        """Per-token D(p_teacher^T, p_student^T), 0 where a token gets none.
+
+        The student's one log-softmax at temperature 1 serves every case: at
+        ``T != 1`` it is tempered chunk by chunk (full vocabulary) or only at
+        the teacher's ``K`` ids (top-k support), and the selection's gold
+        cross-entropies are read from it.
+
+        Args:
+            model: the student.
+            net_output: the student's output on ``sample``.
+            sample: the mini-batch.
+            teacher: ``{"lprobs": B x T x S, "indices": B x T x S (optional)}``.
+            lprobs: the student's log-probabilities at T = 1, ``B x T x V``.
+
+        Returns:
+            ``(kd, selection)``: the ``B * T`` divergences (0 at padding, in
+            the ignored prefix and at unselected tokens), and ``(selected,
+            candidates)`` token counts as 0-dim tensors with
+            ``--kd-selection`` (None without).
+        """
+        target = self.loss_target(model, net_output, sample)  # B x T
+        teacher_lprobs = teacher["lprobs"]  # B x T x S
+        indices = teacher.get("indices")  # B x T x S or None
+        check_teacher_positions(teacher_lprobs, target)
+        vocab, support = lprobs.size(-1), teacher_lprobs.size(-1)
+        flat_lprobs = lprobs.reshape(-1, vocab)  # N x V
+        flat_target = target.reshape(-1)  # N
+        keep, selection = self.kd_tokens(flat_lprobs, flat_target)
+        kd = kd_divergence_per_token(
+            flat_lprobs,
+            teacher_lprobs.reshape(-1, support),
+            None if indices is None else indices.reshape(-1, support),
+            temperature=self.kd_temperature,
+            topk=self.kd_topk,
+            divergence=self.kd_divergence,
+            temper_student=True,
+        )  # N
+        return kd.masked_fill(~keep, 0.0), selection
 
     def compute_kd_loss(self, model, net_output, sample, teacher, lprobs=None):
         """Sum over the selected tokens of D(p_teacher^T, p_student^T).
@@ -511,60 +695,19 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             net_output: the student's output on ``sample``.
             sample: the mini-batch.
             teacher: ``{"lprobs": B x T x S, "indices": B x T x S (optional)}``.
-            lprobs: the student's log-probabilities at T = 1, ``B x T x V``, if
-                already computed (reused when the temperature is 1).
+            lprobs: the student's log-probabilities at T = 1, ``B x T x V``
+                (computed here when None).
 
         Returns:
-            ``(kd_loss, selection)``: the summed divergence, and ``(number of
-            selected tokens, number of candidate tokens)`` with
-            ``--kd-selection`` (None without).
+            ``(kd_loss, selection)`` as :meth:`compute_kd_per_token` gives
+            them, the divergences summed.
         """
-        logits = net_output[0]
-        plain_output = net_output
-        if self.kd_temperature != 1.0 or lprobs is None:
-            net_output = (logits / self.kd_temperature,) + tuple(net_output[1:])
-            lprobs = model.get_normalized_probs(net_output, log_probs=True)  # B x T x V
-        target = model.get_targets(sample, net_output)  # B x T
-        ce_lprobs = None
-        if self.kd_selection != "none":
-            if self.kd_temperature == 1.0:
-                ce_lprobs = lprobs
-            else:
-                with torch.no_grad():  # B x T x V, at temperature 1
-                    ce_lprobs = model.get_normalized_probs(plain_output, log_probs=True)
-        teacher_lprobs = teacher["lprobs"]  # B x T x S
-        indices = teacher.get("indices")  # B x T x S or None
-        if self.ignore_prefix_size > 0:
-            p = self.ignore_prefix_size
-            lprobs, target = lprobs[:, p:, :], target[:, p:]
-            teacher_lprobs = teacher_lprobs[:, p:, :]
-            ce_lprobs = None if ce_lprobs is None else ce_lprobs[:, p:, :]
-            indices = None if indices is None else indices[:, p:, :]
-        check_teacher_positions(teacher_lprobs, target)
-        support = teacher_lprobs.size(-1)
-        flat_target = target.reshape(-1)  # N
-        selected, selection = None, None
-        if ce_lprobs is not None:
-            ce = gold_token_nll(
-                ce_lprobs.reshape(-1, ce_lprobs.size(-1)),
-                flat_target,
-                self.padding_idx,
-            )  # N
-            candidates = flat_target.ne(self.padding_idx)  # N
-            selected = self.select_tokens(ce, candidates)
-            selection = (int(selected.sum()), int(candidates.sum()))
-        kd_loss = word_kd_divergence(
-            lprobs.reshape(-1, lprobs.size(-1)),
-            teacher_lprobs.reshape(-1, support),
-            flat_target,
-            temperature=self.kd_temperature,
-            teacher_indices=None if indices is None else indices.reshape(-1, support),
-            topk=self.kd_topk,
-            ignore_index=self.padding_idx,
-            divergence=self.kd_divergence,
-            selected=selected,
+        if lprobs is None:
+            lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        kd, selection = self.compute_kd_per_token(
+            model, net_output, sample, teacher, lprobs
         )
-        return kd_loss, selection
+        return kd.sum(), selection
 
     def select_tokens(self, ce, candidates):
         """Which tokens get the KD term, by the student's cross-entropy.
@@ -573,8 +716,11 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         ``global`` first appends this step's cross-entropies (gathered from
         every data-parallel rank, so the queue is the same everywhere) to the
         queue when training, then keeps the tokens at or above the queue's
-        threshold (:func:`fairseq_kd.losses.history_threshold`). In evaluation
-        mode the queue is read but not changed.
+        threshold (:func:`fairseq_kd.losses.queue_threshold`); an empty queue
+        (evaluation before any training step) uses the batch itself. In
+        evaluation mode the queue is read but not changed. Nothing here reads
+        a value back to the host: counts and thresholds stay tensors and the
+        queue has a fixed size.
 
         Args:
             ce: per-token student cross-entropy, ``N`` (detached).
@@ -586,38 +732,65 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         ratio = self.kd_selection_ratio
         if self.kd_selection == "batch":
             return select_top_fraction(ce, candidates, ratio)
+        size = self.kd_selection_queue_size
         if self.training:
-            values = ce[candidates] if self.push_to_history else ce[:0]
-            values = self.gather_from_ranks(values)
-            if values.numel() > 0:
-                self.selection_history = push_history(
-                    self.selection_history, values, self.kd_selection_queue_size
-                )
-        history = self.selection_history
-        if history is None or history.numel() == 0:
-            history = ce[candidates]  # nothing seen yet: this batch is the history
-            if history.numel() == 0:
-                return candidates
-        threshold = history_threshold(history.to(ce.device), ratio)
+            # every rank gathers at every training forward, a dummy batch
+            # (ignore_grad) with nothing to add: the collective is matched
+            pushed = (
+                candidates if self.push_to_history else torch.zeros_like(candidates)
+            )
+            values, valid = self.gather_from_ranks(ce, pushed, size)
+            self._queue, self._queue_count = push_queue(
+                self._queue, self._queue_count, values, valid, size
+            )
+        batch, batch_count = right_align(ce, candidates)
+        threshold = queue_threshold(batch, batch_count, ratio)  # -inf if empty
+        if self._queue is not None:
+            self._queue = self._queue.to(ce.device)
+            self._queue_count = self._queue_count.to(ce.device)
+            threshold = torch.where(
+                self._queue_count > 0,
+                queue_threshold(self._queue, self._queue_count, ratio),
+                threshold,
+            )
         return select_above(ce, candidates, threshold)
 
     @staticmethod
-    def gather_from_ranks(values):
-        """Concatenate a 1-D tensor over the data-parallel ranks, in rank order.
+    def gather_from_ranks(values, valid, size):
+        """Concatenate the valid values of every data-parallel rank, in rank order.
+
+        Each rank contributes a fixed-size buffer (its last ``size`` valid
+        values, right-aligned) and its count, so the collectives have the
+        same shapes on every rank and nothing is read back to the host. Every
+        rank must call this at every training forward pass (the criterion
+        does, also for fairseq's dummy batches, with no valid values).
 
         Args:
-            values: this rank's values (any length, also 0).
+            values: this rank's values, ``N`` (any length, also 0).
+            valid: which of them to contribute, boolean, ``N``.
+            size: the queue's capacity (more than ``size`` values per rank
+                could not reach the queue anyway).
+
+        Returns:
+            ``(values, valid)``: all ranks' values and validity mask, 1-D.
         """
         group = distributed_utils.get_data_parallel_group()
         world_size = distributed_utils.get_world_size(group)
         if world_size <= 1:
-            return values
-        count = torch.tensor([values.numel()], device=values.device)
-        counts = [int(c) for c in distributed_utils.all_gather(count, group)]
-        padded = values.new_zeros(max(counts))
-        padded[: values.numel()] = values
-        parts = distributed_utils.all_gather(padded, group)
-        return torch.cat([part[:n] for part, n in zip(parts, counts)])
+            return values, valid
+        aligned, count = right_align(values.detach(), valid)
+        if aligned.numel() >= size:
+            part = aligned[-size:]
+        else:
+            part = torch.cat(
+                [aligned.new_full((size - aligned.numel(),), 0.0), aligned]
+            )
+        count = torch.clamp(count, max=size).reshape(1)
+        parts = distributed_utils.all_gather(part.contiguous(), group)
+        counts = distributed_utils.all_gather(count, group)
+        slots = torch.arange(size, device=part.device)
+        masks = [slots >= size - c.to(part.device) for c in counts]
+        return torch.cat([p.to(part.device) for p in parts]), torch.cat(masks)
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
