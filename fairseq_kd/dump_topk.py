@@ -50,6 +50,12 @@ def add_dump_args(parser):
         help="teacher tokens stored per target position (most probable first)",
     )  # fmt: skip
     group.add_argument(
+        "--teacher-dict-dir", default=None, metavar="DIR",
+        help="folder of the teacher's dictionaries (dict.SRC.txt, dict.TGT.txt), "
+        "whose symbols must equal the data's; by default the data folder named "
+        "in the teacher's checkpoint",
+    )  # fmt: skip
+    group.add_argument(
         "--commit-interval", type=int, default=50, metavar="N",
         help="make progress durable every N batches (an interrupted dump "
         "resumes from the last commit)",
@@ -210,7 +216,9 @@ def dump(cfg):
 
     paths = split_checkpoint_paths(cfg.common_eval.path)
     with torch.random.fork_rng(devices=[]):
-        teachers = load_teacher_ensemble(cfg.common_eval.path, task)
+        teachers = load_teacher_ensemble(
+            cfg.common_eval.path, task, dict_dir=dump_cfg.teacher_dict_dir
+        )
     for t in teachers:
         if cfg.common.fp16:
             t.half()
@@ -223,6 +231,7 @@ def dump(cfg):
     signature = data_signature(dataset, task.source_dictionary, tgt_dict, split)
     signature.update(
         package_version=fairseq_kd.__version__,
+        data_folder=os.path.abspath(utils.split_paths(cfg.task.data)[0]),
         source_lang=task.cfg.source_lang,
         target_lang=task.cfg.target_lang,
         teachers=[{"path": p, "sha256": file_sha256(p)} for p in paths],
@@ -333,6 +342,7 @@ def parse(argv=None):
                 "output": args.output,
                 "k": args.k,
                 "commit_interval": args.commit_interval,
+                "teacher_dict_dir": args.teacher_dict_dir,
             }
         )
     return cfg

@@ -76,6 +76,50 @@ def dictionary_signature(dictionary):
     return {"size": len(dictionary), "sha256": _sha256_bytes(text)}
 
 
+def first_symbol_difference(a, b):
+    """The first id where two dictionaries hold different symbols.
+
+    Args:
+        a: a ``fairseq.data.Dictionary`` (or a list of symbols).
+        b: another one.
+
+    Returns:
+        ``(index, symbol_a, symbol_b)``, a missing symbol given as None, or
+        None when both hold the same symbols in the same order.
+    """
+    a, b = list(getattr(a, "symbols", a)), list(getattr(b, "symbols", b))
+    for i in range(max(len(a), len(b))):
+        sa = a[i] if i < len(a) else None
+        sb = b[i] if i < len(b) else None
+        if sa != sb:
+            return i, sa, sb
+    return None
+
+
+def describe_symbol_difference(a, b, name_a, name_b):
+    """A sentence naming the first id where dictionaries ``a`` and ``b`` differ.
+
+    Args:
+        a: a ``fairseq.data.Dictionary``.
+        b: another one.
+        name_a: what ``a`` is (for the message).
+        name_b: what ``b`` is.
+
+    Returns:
+        The sentence, or "" when both hold the same symbols.
+    """
+    diff = first_symbol_difference(a, b)
+    if diff is None:
+        return ""
+    i, sa, sb = diff
+    sig_a, sig_b = dictionary_signature(a), dictionary_signature(b)
+    return (
+        f"the first difference is at index {i}: {sa!r} in {name_a} "
+        f"({sig_a['size']} symbols, sha256 {sig_a['sha256'][:12]}), {sb!r} in "
+        f"{name_b} ({sig_b['size']} symbols, sha256 {sig_b['sha256'][:12]})"
+    )
+
+
 def lengths_sha256(lengths):
     """sha256 of sentence lengths, as little-endian int64.
 
@@ -405,6 +449,10 @@ class TopKStore:
             if stored == actual:
                 continue
             line = f"{key}: store has {_describe(stored)}, data has {_describe(actual)}"
+            if key == "source_dictionary":
+                line += self._symbol_difference(key, src_dict)
+            elif key == "target_dictionary":
+                line += self._symbol_difference(key, tgt_dict)
             if key == "target_lengths_sha256" and self.num_sentences == len(dataset):
                 line += self._first_length_difference(pair_sizes(dataset)[1])
             problems.append(line)
@@ -415,6 +463,32 @@ class TopKStore:
                 + "\n  - ".join(problems)
                 + "\nDump the teacher again for this split (fairseq-kd-dump-topk)."
             )
+
+    def _symbol_difference(self, key, dictionary):
+        """Where the store's dictionary differs from ``dictionary``, if known.
+
+        The header holds only the symbols' sha256; the symbols themselves are
+        read from the dictionary file of the data folder the dump recorded,
+        when it still exists and still hashes the same.
+        """
+        lang = self.header.get(
+            "source_lang" if key.startswith("source") else "target_lang"
+        )
+        folder = self.header.get("data_folder")
+        file = os.path.join(folder, f"dict.{lang}.txt") if folder and lang else None
+        if file and os.path.isfile(file):
+            from fairseq.data import Dictionary
+
+            stored = Dictionary.load(file)
+            if dictionary_signature(stored) == self.header.get(key):
+                return "; " + describe_symbol_difference(
+                    stored, dictionary, f"the store's {file}", "the data's"
+                )
+        return (
+            " (the store records only the sha256 of its symbols, and the "
+            "dictionary of the data it was dumped from is not at hand: the first "
+            "differing symbol cannot be named)"
+        )
 
     def _first_length_difference(self, tgt_sizes):
         differ = np.nonzero(self.lengths() != tgt_sizes)[0]

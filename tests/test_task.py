@@ -1,8 +1,13 @@
 """In-process tests of the ``translation_kd`` task and its live teacher."""
 
+import logging
+import os
+
 import pytest
 import torch
+from fairseq.data import Dictionary
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from topk_util import reversed_dictionary_data, teacher_with_data
 
 from fairseq_kd.checkpoints import load_checkpoint, load_teacher_ensemble
 from fairseq_kd.tasks.translation_kd import TranslationKDConfig, TranslationKDTask
@@ -20,9 +25,69 @@ def model_cfg(teacher):
     return load_checkpoint(teacher)["cfg"].model
 
 
-def kd_task(data_bin, teacher_path):
-    cfg = TranslationKDConfig(data=data_bin, teacher_path=teacher_path, **RESOLVED)
+def kd_task(data_bin, teacher_path, **options):
+    cfg = TranslationKDConfig(
+        data=data_bin, teacher_path=teacher_path, **RESOLVED, **options
+    )
     return TranslationKDTask.setup_task(cfg)
+
+
+@pytest.fixture(scope="module")
+def reversed_bin(corpus_text, data_bin, tmp_path_factory):
+    """The corpus binarized with the teacher's symbols in another order."""
+    dest = str(tmp_path_factory.mktemp("reversed_bin"))
+    return reversed_dictionary_data(corpus_text, data_bin, dest)
+
+
+@pytest.fixture(scope="module")
+def teacher_without_data(teacher, tmp_path_factory):
+    """The teacher, its config naming a data folder that no longer exists."""
+    dest = str(tmp_path_factory.mktemp("moved") / "checkpoint.pt")
+    return teacher_with_data(teacher, dest, "/nonexistent/data-bin")
+
+
+def first_difference(data_bin, reversed_bin):
+    ours = Dictionary.load(os.path.join(data_bin, "dict.src.txt"))
+    theirs = Dictionary.load(os.path.join(reversed_bin, "dict.src.txt"))
+    assert len(ours) == len(theirs) and ours.symbols != theirs.symbols
+    i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    return i, ours[i], theirs[i]
+
+
+def test_same_size_dictionary_with_other_symbols_is_refused(
+    data_bin, reversed_bin, teacher, model_cfg
+):
+    i, ours, theirs = first_difference(data_bin, reversed_bin)
+    task = kd_task(reversed_bin, teacher)
+    message = (
+        f"another source dictionary .* both have {len(task.source_dictionary)} "
+        f"symbols: the first difference is at index {i}: '{ours}' in the "
+        f"teacher's .*dict.src.txt .*'{theirs}' in this task's"
+    )
+    with pytest.raises(ValueError, match=message):
+        task.build_model(model_cfg)
+
+
+def test_teacher_dict_dir_names_the_teachers_dictionaries(
+    data_bin, reversed_bin, teacher_without_data, model_cfg, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="fairseq_kd.checkpoints"):
+        kd_task(data_bin, teacher_without_data).build_model(model_cfg)
+    assert "could not compare the symbols" in caplog.text
+    assert (
+        "/nonexistent/data-bin" in caplog.text and "sizes were compared" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fairseq_kd.checkpoints"):
+        task = kd_task(data_bin, teacher_without_data, teacher_dict_dir=data_bin)
+        task.build_model(model_cfg)
+    assert len(task.teachers) == 1 and "could not compare" not in caplog.text
+    task = kd_task(data_bin, teacher_without_data, teacher_dict_dir=reversed_bin)
+    with pytest.raises(ValueError, match="index [0-9]+: .* in the teacher's"):
+        task.build_model(model_cfg)
+    task = kd_task(data_bin, teacher_without_data, teacher_dict_dir="/nowhere")
+    with pytest.raises(FileNotFoundError, match="--teacher-dict-dir /nowhere"):
+        task.build_model(model_cfg)
 
 
 def test_teacher_not_loaded_when_rebuilding_a_saved_model(data_bin, model_cfg):

@@ -29,6 +29,14 @@ class TranslationKDConfig(TranslationConfig):
             "separated by ':' form an ensemble whose probabilities are averaged"
         },
     )
+    teacher_dict_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "folder holding the --teacher-path teachers' dictionaries "
+            "(dict.SRC.txt, dict.TGT.txt), whose symbols must equal this task's; "
+            "by default the data folder named in each teacher's checkpoint"
+        },
+    )
     teacher_topk: Optional[str] = field(
         default=None,
         metadata={
@@ -171,7 +179,9 @@ class TranslationKDTask(TranslationTask):
             # building the teacher draws random initial weights: keep the RNG
             # where the student left it, so seeds reproduce runs without KD
             with torch.random.fork_rng(devices=[]):
-                self.teachers = load_teacher_ensemble(self.cfg.teacher_path, self)
+                self.teachers = load_teacher_ensemble(
+                    self.cfg.teacher_path, self, dict_dir=self.cfg.teacher_dict_dir
+                )
         return model
 
     def build_criterion(self, cfg, from_checkpoint=False):
