@@ -162,3 +162,39 @@ def test_ensemble_is_the_average_of_its_members(data_bin, teacher, teacher_early
     expected = torch.log((probs[0] + probs[1]) / 2)
     assert torch.allclose(sample["teacher"]["lprobs"], expected, atol=1e-5)
     assert not torch.allclose(probs[0], probs[1], atol=1e-3)  # really two teachers
+
+
+@pytest.fixture(scope="module")
+def short_teacher(data_bin, tmp_path_factory):
+    """A teacher with learned positional tables of 8 positions (a few updates)."""
+    from corpus import train
+
+    save = str(tmp_path_factory.mktemp("short_teacher"))
+    short = ["--max-source-positions", "8", "--max-target-positions", "8"]
+    short += ["--encoder-learned-pos", "--decoder-learned-pos"]
+    train(data_bin, save, short + ["--skip-invalid-size-inputs-valid-test"], updates=3)
+    return os.path.join(save, "checkpoint_last.pt")
+
+
+def test_max_positions_are_within_the_teachers(data_bin, short_teacher, model_cfg):
+    task = kd_task(data_bin, short_teacher)
+    assert task.max_positions() == (1024, 1024)  # no teacher loaded yet
+    task.build_model(model_cfg)
+    assert task.max_positions() == (8, 8)
+
+
+def test_a_teacher_with_fewer_positions_filters_long_sentences(
+    data_bin, short_teacher, tmp_path
+):
+    from corpus import STUDENT_ARCH, json_logs, train
+
+    flags = ["--user-dir", os.path.join(os.path.dirname(__file__), "..", "fairseq_kd")]
+    flags += ["--task", "translation_kd", "--teacher-path", short_teacher]
+    flags += ["--criterion", "word_kd", "--kd-alpha", "0.5", "--no-save"]
+    flags += ["--skip-invalid-size-inputs-valid-test", "--max-tokens", "300"]
+    proc = train(data_bin, str(tmp_path / "s"), flags, arch=STUDENT_ARCH, updates=8)
+    output = proc.stdout + proc.stderr
+    assert "IndexError" not in output
+    assert "max_positions=(8, 8)" in output  # fairseq's filter, with the teacher's
+    steps = json_logs(proc.stdout, "train_inner")
+    assert len(steps) == 8 and all(float(r["kd_loss"]) > 0 for r in steps)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from fairseq import utils
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
@@ -183,6 +184,21 @@ class TranslationKDTask(TranslationTask):
                     self.cfg.teacher_path, self, dict_dir=self.cfg.teacher_dict_dir
                 )
         return model
+
+    def max_positions(self):
+        """The task's maximum positions, within every live teacher's.
+
+        fairseq filters (training) or refuses (validation, without
+        ``--skip-invalid-size-inputs-valid-test``) longer sentences by
+        ``task.max_positions()`` and the student's; a teacher with a shorter
+        positional table would otherwise fail on them mid-epoch.
+        """
+        positions = super().max_positions()
+        if self.teachers:
+            positions = utils.resolve_max_positions(
+                positions, *(teacher.max_positions() for teacher in self.teachers)
+            )
+        return positions
 
     def build_criterion(self, cfg, from_checkpoint=False):
         """Build the criterion and keep a reference for its checkpoint state.
