@@ -43,6 +43,43 @@ DATA_FIELDS = (
 )
 
 
+DATA_FOLDER_PREFIX = "data-"  # DIR/data-000...: one store per data folder
+
+
+def data_folder_output(output, index, num_folders):
+    """The store of data folder ``index`` under ``output``.
+
+    With one data folder the store is ``output`` itself; with several
+    (``DATA=bin1:bin2``, which fairseq reads one per epoch for the training
+    split), folder ``i`` (from 0, in the order given) has
+    ``output/data-III``.
+
+    Args:
+        output: the store folder (``--output`` / ``--teacher-topk`` or its
+            split subfolder).
+        index: the data folder's position in ``DATA``.
+        num_folders: how many folders ``DATA`` names.
+    """
+    if num_folders <= 1:
+        return output
+    return os.path.join(output, f"{DATA_FOLDER_PREFIX}{index:03d}")
+
+
+def data_folder_stores(path):
+    """The ``data-III`` subfolders of ``path`` (sorted), [] if none.
+
+    Args:
+        path: a folder.
+    """
+    if not os.path.isdir(path):
+        return []
+    return sorted(
+        d
+        for d in os.listdir(path)
+        if d.startswith(DATA_FOLDER_PREFIX) and os.path.isdir(os.path.join(path, d))
+    )
+
+
 class TopKStoreError(ValueError):
     """A store that cannot be read: missing, unfinished, truncated or corrupt."""
 
@@ -566,7 +603,7 @@ class TopKWriter:
             with open(progress) as f:
                 state = json.load(f)
             if state["run_key"] != self.run_key:
-                differ = _differing_keys(state["run_key"], self.run_key)
+                differ = differing_keys(state["run_key"], self.run_key)
                 raise TopKStoreError(
                     f"{self.path} holds an unfinished dump made with other settings "
                     f"({', '.join(differ)} differ): rerun with the same ones, or "
@@ -701,7 +738,7 @@ def average_topk_mass(lprobs):
     return round(total / len(lprobs), 6)
 
 
-def _differing_keys(a, b, prefix=""):
+def differing_keys(a, b, prefix=""):
     """Dotted names of the fields where two JSON-like dicts differ."""
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return [prefix or "value"]
@@ -709,7 +746,7 @@ def _differing_keys(a, b, prefix=""):
     for key in sorted(set(a) | set(b)):
         name = f"{prefix}.{key}" if prefix else key
         if a.get(key) != b.get(key):
-            out.extend(_differing_keys(a.get(key), b.get(key), name))
+            out.extend(differing_keys(a.get(key), b.get(key), name))
     return out
 
 
@@ -744,7 +781,7 @@ def merge_shards(folder, output=None, delete_shards=False):
         if other != ref:
             raise TopKStoreMismatch(
                 f"shards {shards[0].path} and {s.path} come from different dumps "
-                f"({', '.join(_differing_keys(ref, other))} differ)"
+                f"({', '.join(differing_keys(ref, other))} differ)"
             )
     n = int(ref["num_sentences"])
     lengths = np.zeros(n, dtype=np.int64)

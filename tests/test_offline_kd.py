@@ -341,3 +341,90 @@ def test_one_gather_path_is_used_only_where_it_is_exact(option):
     crit = WordKDCriterion(FakeTask(d), False, 0.1, kd_alpha=0.5, **option)
     assert not crit._shares_gather(teacher)
     assert not crit._shares_gather({"lprobs": teacher["lprobs"]})  # live, full vocab
+
+
+def _touch_store(path):
+    os.makedirs(path, exist_ok=True)
+    open(os.path.join(path, "header.json"), "w").close()
+    return path
+
+
+@pytest.mark.parametrize("layout", ["split folders", "data folders at the root"])
+def test_each_epoch_reads_the_store_of_its_data_folder(data_bin, tmp_path, layout):
+    root = str(tmp_path / "topk")
+    train_dir = os.path.join(root, "train") if layout == "split folders" else root
+    for i in range(2):
+        _touch_store(os.path.join(train_dir, f"data-{i:03d}"))
+    _touch_store(os.path.join(root, "valid"))
+    task, _ = make_task(f"{data_bin}:{data_bin}", "--teacher-topk", root)
+    paths = [task.topk_store_path("train", epoch) for epoch in (1, 2, 3)]
+    assert paths == [
+        os.path.join(train_dir, "data-000"),
+        os.path.join(train_dir, "data-001"),
+        os.path.join(train_dir, "data-000"),
+    ]
+    # other splits come from the first data folder, as fairseq reads them
+    assert task.topk_store_path("valid", 2) == os.path.join(root, "valid")
+    if layout == "split folders":
+        # one data folder: today's layouts are unchanged
+        task, _ = make_task(data_bin, "--teacher-topk", os.path.join(root, "valid"))
+        assert task.topk_store_path("train") == os.path.join(root, "valid")
+        assert task.topk_store_path("valid") is None
+    # three data folders but two stores, or one store for two folders: refused
+    task, _ = make_task(f"{data_bin}:{data_bin}:{data_bin}", "--teacher-topk", root)
+    with pytest.raises(TopKStoreError, match="expected data-000, data-001, data-002"):
+        task.topk_store_path("train", 1)
+    task, _ = make_task(
+        f"{data_bin}:{data_bin}", "--teacher-topk", os.path.join(root, "valid")
+    )
+    with pytest.raises(TopKStoreError, match="one store per data folder"):
+        task.topk_store_path("train", 1)
+
+
+@pytest.fixture(scope="module")
+def two_data_folders(corpus_text, data_bin, tmp_path_factory):
+    """The training corpus split in two folders binarized with one dictionary."""
+    from corpus import binarize
+
+    base = tmp_path_factory.mktemp("two_folders")
+    folders = []
+    for part in range(2):
+        text = base / f"text{part}"
+        text.mkdir()
+        for split in ("train", "valid", "test"):
+            for side in ("src", "tgt"):
+                with open(os.path.join(corpus_text, f"{split}.{side}")) as f:
+                    lines = f.readlines()
+                if split == "train":
+                    half = len(lines) // 2
+                    lines = lines[:half] if part == 0 else lines[half:]
+                (text / f"{split}.{side}").write_text("".join(lines))
+        dicts = ["--srcdict", os.path.join(data_bin, "dict.src.txt")]
+        dicts += ["--tgtdict", os.path.join(data_bin, "dict.tgt.txt")]
+        folders.append(binarize(str(text), str(base / f"bin{part}"), dicts))
+    return folders
+
+
+def test_sharded_data_trains_two_epochs_from_one_store_per_folder(
+    two_data_folders, teacher, tmp_path
+):
+    data = ":".join(two_data_folders)
+    root = str(tmp_path / "topk")
+    stats = dump(data, teacher, os.path.join(root, "train"))
+    assert [s["output"] for s in stats["stores"]] == [
+        os.path.join(root, "train", "data-000"),
+        os.path.join(root, "train", "data-001"),
+    ]
+    folders = [s["header"]["data_folder"] for s in stats["stores"]]
+    assert folders == [os.path.abspath(f) for f in two_data_folders]
+    dump(data, teacher, os.path.join(root, "valid"), "--gen-subset", "valid")
+    assert TopKStore(os.path.join(root, "valid")).header["split"] == "valid"
+    flags = ["--user-dir", USER_DIR, "--task", "translation_kd"]
+    flags += ["--teacher-topk", root, *kd_flags(1.0, 0, alpha=0.5)]
+    flags += ["--max-epoch", "2", "--no-save"]
+    proc = train(data, str(tmp_path / "s"), flags, arch=STUDENT_ARCH, updates=1000)
+    records = json_logs(proc.stdout, "train_inner")
+    epochs = {int(r["epoch"]) for r in records}
+    assert epochs == {1, 2}
+    assert all(float(r["kd_loss"]) > 0 for r in records)
+    assert len(json_logs(proc.stdout, "valid")) == 2

@@ -7,7 +7,7 @@ import pytest
 import torch
 from fairseq.data import Dictionary
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
-from topk_util import reversed_dictionary_data, teacher_with_data
+from topk_util import reversed_dictionary_data, teacher_with_data, train_short_teacher
 
 from fairseq_kd.checkpoints import load_checkpoint, load_teacher_ensemble
 from fairseq_kd.tasks.translation_kd import TranslationKDConfig, TranslationKDTask
@@ -167,13 +167,8 @@ def test_ensemble_is_the_average_of_its_members(data_bin, teacher, teacher_early
 @pytest.fixture(scope="module")
 def short_teacher(data_bin, tmp_path_factory):
     """A teacher with learned positional tables of 8 positions (a few updates)."""
-    from corpus import train
-
     save = str(tmp_path_factory.mktemp("short_teacher"))
-    short = ["--max-source-positions", "8", "--max-target-positions", "8"]
-    short += ["--encoder-learned-pos", "--decoder-learned-pos"]
-    train(data_bin, save, short + ["--skip-invalid-size-inputs-valid-test"], updates=3)
-    return os.path.join(save, "checkpoint_last.pt")
+    return train_short_teacher(data_bin, save)
 
 
 def test_max_positions_are_within_the_teachers(data_bin, short_teacher, model_cfg):

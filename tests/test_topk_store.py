@@ -303,3 +303,17 @@ def test_dump_refuses_a_teacher_with_other_symbols(
             task.dataset("valid"), task.source_dictionary, task.target_dictionary,
             "valid",
         )  # fmt: skip
+
+
+def test_dump_refuses_sentences_longer_than_the_teachers_positions(data_bin, tmp_path):
+    from topk_util import train_short_teacher
+
+    short = train_short_teacher(data_bin, str(tmp_path / "short"))
+    out = str(tmp_path / "out")
+    with pytest.raises(
+        ValueError,
+        match=r"sentences of split 'valid' are longer "
+        r"than the teacher's maximum positions \(8, 8\)",
+    ):
+        dump(data_bin, short, out, "--gen-subset", "valid")
+    assert not os.path.exists(out)

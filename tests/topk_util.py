@@ -116,3 +116,20 @@ def teacher_with_data(teacher, dest, data):
     state["cfg"]["task"]["data"] = data
     torch.save(state, dest)
     return dest
+
+
+def train_short_teacher(data, save):
+    """A teacher with learned positional tables of 8 positions (3 updates).
+
+    Args:
+        data: the binarized corpus (sentences up to 10 tokens).
+        save: its checkpoint folder.
+    """
+    import os
+
+    from corpus import train
+
+    short = ["--max-source-positions", "8", "--max-target-positions", "8"]
+    short += ["--encoder-learned-pos", "--decoder-learned-pos"]
+    train(data, save, short + ["--skip-invalid-size-inputs-valid-test"], updates=3)
+    return os.path.join(save, "checkpoint_last.pt")

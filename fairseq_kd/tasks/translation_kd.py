@@ -12,7 +12,14 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_kd.checkpoints import load_teacher_ensemble, teacher_log_probs
 from fairseq_kd.topk_dataset import TEACHER_KEY, TopKTeacherDataset
-from fairseq_kd.topk_store import HEADER, PROGRESS, TopKStore, TopKStoreError
+from fairseq_kd.topk_store import (
+    HEADER,
+    PROGRESS,
+    TopKStore,
+    TopKStoreError,
+    data_folder_output,
+    data_folder_stores,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,34 +90,42 @@ class TranslationKDTask(TranslationTask):
             )
         self.teachers = None  # a plain list: never a submodule of anything
         self.criterion = None  # set by build_criterion, for checkpoint state
-        self._train_store = None
+        self._stores = {}  # path -> TopKStore
 
     @property
     def has_teacher(self):
         """Whether this task was configured with a teacher (live or stored)."""
         return bool(self.cfg.teacher_path or self.cfg.teacher_topk)
 
-    def topk_store_path(self, split):
-        """The store serving ``split`` under ``--teacher-topk``, or None.
+    def topk_store_path(self, split, epoch=1):
+        """The store serving ``split`` at ``epoch`` under ``--teacher-topk``, or None.
 
         ``--teacher-topk DIR`` is either one store (it has ``header.json``),
         used for the training split, or a folder of stores named after the
-        splits (``DIR/train``, ``DIR/valid``...).
+        splits (``DIR/train``, ``DIR/valid``...). With data in several folders
+        (``DATA=bin1:bin2``, read one per epoch for the training split), the
+        training split's store is a folder holding one store per data folder,
+        ``data-000``, ``data-001``... (as ``fairseq-kd-dump-topk DATA`` writes
+        them), either ``DIR`` itself or ``DIR/train``; epoch ``e`` reads
+        ``data-III`` with ``III = (e - 1) % len(DATA)``, as fairseq does.
 
         Args:
             split: the split's name.
+            epoch: fairseq's epoch (selects the data folder).
         """
         root = self.cfg.teacher_topk
         if not root:
             return None
+        is_train = split == self.cfg.train_subset
         if any(os.path.isfile(os.path.join(root, f)) for f in (HEADER, PROGRESS)):
-            return root if split == self.cfg.train_subset else None
-        per_split = os.path.join(root, split)
-        if os.path.isdir(per_split):
-            return per_split
-        if split != self.cfg.train_subset:
-            return None
-        if os.path.isdir(root) and not any(
+            base = root if is_train else None
+        elif os.path.isdir(os.path.join(root, split)):
+            base = os.path.join(root, split)
+        elif not is_train:
+            base = None
+        elif data_folder_stores(root):
+            base = root
+        elif os.path.isdir(root) and not any(
             name.startswith("shard-") for name in os.listdir(root)
         ):
             raise TopKStoreError(
@@ -118,18 +133,38 @@ class TranslationKDTask(TranslationTask):
                 f"'{split}': expected {os.path.join(root, HEADER)} (one store) or "
                 f"{os.path.join(root, split, HEADER)} (one store per split)"
             )
-        return root  # TopKStore explains what is missing there (shards, nothing)
+        else:
+            base = root  # TopKStore explains what is missing there (shards, nothing)
+        if base is None:
+            return None
+        num_folders = len(utils.split_paths(self.cfg.data)) if is_train else 1
+        found = data_folder_stores(base)
+        if not found and num_folders == 1:
+            return base
+        expected = [
+            os.path.basename(data_folder_output(base, i, 2)) for i in range(num_folders)
+        ]
+        if found != expected:
+            raise TopKStoreError(
+                f"top-k store {base} does not hold one store per data folder of "
+                f"split '{split}': the data has {num_folders} folder(s) "
+                f"({self.cfg.data}), read one per epoch, so expected "
+                f"{', '.join(expected)} in {base}, found "
+                f"{', '.join(found) or 'none'}. Dump the teacher with "
+                f"fairseq-kd-dump-topk {self.cfg.data} ... --output {base} "
+                "(one store per data folder)"
+            )
+        return data_folder_output(base, (epoch - 1) % num_folders, 2)
 
-    def _open_store(self, split):
-        path = self.topk_store_path(split)
+    def _open_store(self, split, epoch=1):
+        path = self.topk_store_path(split, epoch)
         if path is None:
             return None
-        if split == self.cfg.train_subset and self._train_store is not None:
-            return self._train_store
-        store = TopKStore(path, verify_checksums=self.cfg.teacher_topk_checksums)
-        if split == self.cfg.train_subset:
-            self._train_store = store
-        return store
+        if path not in self._stores:
+            self._stores[path] = TopKStore(
+                path, verify_checksums=self.cfg.teacher_topk_checksums
+            )
+        return self._stores[path]
 
     @property
     def teacher_support(self):
@@ -149,7 +184,7 @@ class TranslationKDTask(TranslationTask):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         if not self.cfg.teacher_topk:
             return
-        store = self._open_store(split)
+        store = self._open_store(split, epoch)
         if store is None:
             logger.warning(
                 f"no top-k store for split '{split}' under {self.cfg.teacher_topk}: "
