@@ -1,20 +1,21 @@
 """Training from a top-k store: same losses as live, alignment, start-up checks, DDP."""
 
 import os
+import re
 import socket
 import subprocess
 
 import numpy as np
 import pytest
 import torch
-from corpus import BIN, STUDENT_ARCH, TRAIN_FLAGS, json_logs, train
+from corpus import BIN, STUDENT_ARCH, TRAIN_FLAGS, json_logs, run, train
 from fairseq.data import Dictionary, LanguagePairDataset, bucket_pad_length_dataset
 from fakes import FakeModel
 from topk_util import SentenceReference, assert_entries_match, dump, make_task
 
 from fairseq_kd.checkpoints import load_teacher_ensemble
 from fairseq_kd.topk_dataset import TopKTeacherDataset, collate_teacher
-from fairseq_kd.topk_store import TopKStore, TopKStoreError
+from fairseq_kd.topk_store import TopKStore, TopKStoreError, TopKStoreMismatch
 
 USER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fairseq_kd")
 
@@ -428,3 +429,60 @@ def test_sharded_data_trains_two_epochs_from_one_store_per_folder(
     assert epochs == {1, 2}
     assert all(float(r["kd_loss"]) > 0 for r in records)
     assert len(json_logs(proc.stdout, "valid")) == 2
+
+
+@pytest.fixture(scope="module")
+def mixed_roots(data_bin, teacher, teacher_early, topk_root, tmp_path_factory):
+    """Folders whose train store is the top-8's, valid at k 4 or of another teacher."""
+    base = tmp_path_factory.mktemp("mixed")
+    roots = {}
+    for name, path, k in (("k4", teacher, 4), ("other", teacher_early, 8)):
+        root = base / name
+        root.mkdir()
+        os.symlink(os.path.join(topk_root, "train"), root / "train")
+        dump(
+            data_bin, path, str(root / "valid"), "--gen-subset", "valid", "--k", str(k)
+        )
+        roots[name] = str(root)
+    return roots
+
+
+def test_a_valid_store_with_fewer_entries_fails_at_start_up(
+    data_bin, mixed_roots, tmp_path
+):
+    root = mixed_roots["k4"]
+    task, cfg = make_task(data_bin, "--teacher-topk", root, *kd_flags(1.0, 8))
+    assert task.teacher_support == 4  # the smallest k of all the stores
+    valid = os.path.join(root, "valid")
+    message = (
+        "--kd-topk 8 is larger than the 4 entries per position of the top-k "
+        f"store {valid} (split 'valid')"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        task.build_criterion(cfg.criterion)
+    task, cfg = make_task(data_bin, "--teacher-topk", root, *kd_flags(1.0, 4))
+    task.build_criterion(cfg.criterion)  # k 4 is served by every store
+    flags = ["--user-dir", USER_DIR, "--task", "translation_kd"]
+    flags += ["--teacher-topk", root, *kd_flags(1.0, 8, alpha=0.5), "--no-save"]
+    cmd = ["fairseq-train", data_bin, "--save-dir", str(tmp_path / "s")]
+    cmd += ["--max-update", "5", *STUDENT_ARCH, *TRAIN_FLAGS, *flags]
+    proc = run(cmd, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not json_logs(proc.stdout, "train_inner")  # before any update
+
+
+def test_a_valid_store_of_another_teacher_is_refused_at_start_up(data_bin, mixed_roots):
+    root = mixed_roots["other"]
+    task, cfg = make_task(data_bin, "--teacher-topk", root, *kd_flags(1.0, 0))
+    message = (
+        r"different teachers: .*train \(split 'train'\) has teacher\(s\) .*"
+        r"valid \(split 'valid'\)"
+    )
+    with pytest.raises(TopKStoreMismatch, match=message):
+        task.build_criterion(cfg.criterion)
+    task, _ = make_task(data_bin, "--teacher-topk", root)
+    with pytest.raises(TopKStoreMismatch, match="different teachers"):
+        task.load_dataset("train", combine=True)
+    task, _ = make_task(data_bin, "--teacher-topk", root, "--disable-validation")
+    task.load_dataset("train", combine=True)  # the valid store is not read then

@@ -16,6 +16,8 @@ from fairseq_kd.tasks.translation_kd import TranslationKDConfig, TranslationKDTa
 RESOLVED = {
     "dataset_impl": "mmap",
     "train_subset": "train",
+    "valid_subset": "valid",
+    "disable_validation": False,
     "required_seq_len_multiple": 1,
 }
 

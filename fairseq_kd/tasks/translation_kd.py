@@ -9,6 +9,7 @@ import torch
 from fairseq import utils
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from omegaconf import II
 
 from fairseq_kd.checkpoints import load_teacher_ensemble, teacher_log_probs
 from fairseq_kd.topk_dataset import TEACHER_KEY, TopKTeacherDataset
@@ -17,6 +18,7 @@ from fairseq_kd.topk_store import (
     PROGRESS,
     TopKStore,
     TopKStoreError,
+    TopKStoreMismatch,
     data_folder_output,
     data_folder_stores,
 )
@@ -24,6 +26,22 @@ from fairseq_kd.topk_store import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["TEACHER_KEY", "TranslationKDConfig", "TranslationKDTask"]
+
+
+def _identity(header, key):
+    """What must agree across stores: teachers' hashes, dictionary signatures."""
+    if key == "teachers":
+        return [t["sha256"] for t in header.get("teachers", [])]
+    return header.get(key)
+
+
+def _describe_identity(header, key):
+    value = _identity(header, key)
+    if key == "teachers":
+        return "teacher(s) " + ", ".join(
+            f"{t['path']} ({t['sha256'][:12]})" for t in header.get("teachers", [])
+        )
+    return f"{value['size']} symbols, sha256 {value['sha256'][:12]}"
 
 
 @dataclass
@@ -54,6 +72,8 @@ class TranslationKDConfig(TranslationConfig):
             "(DIR/train, DIR/valid, ...); excludes --teacher-path"
         },
     )
+    valid_subset: str = II("dataset.valid_subset")
+    disable_validation: bool = II("dataset.disable_validation")
     teacher_topk_checksums: bool = field(
         default=False,
         metadata={
@@ -91,6 +111,7 @@ class TranslationKDTask(TranslationTask):
         self.teachers = None  # a plain list: never a submodule of anything
         self.criterion = None  # set by build_criterion, for checkpoint state
         self._stores = {}  # path -> TopKStore
+        self._checked_stores = None
 
     @property
     def has_teacher(self):
@@ -166,12 +187,75 @@ class TranslationKDTask(TranslationTask):
             )
         return self._stores[path]
 
+    def teacher_stores(self):
+        """Open every store this run reads and check them against each other.
+
+        The stores are the training split's (one per data folder) and each
+        ``--valid-subset``'s (unless ``--disable-validation``). They must all
+        be finished, merged stores from the same teachers (their sha256
+        list) with the same dictionaries; each is checked against its data
+        later, when its split is loaded. Checked once, at start-up (the
+        criterion asks for :attr:`teacher_support`; ``build_criterion`` and
+        ``load_dataset`` call this too).
+
+        Returns:
+            A list of ``(split, store)`` pairs, the training split's first.
+        """
+        if self._checked_stores is not None:
+            return self._checked_stores
+        splits = [
+            (self.cfg.train_subset, epoch)
+            for epoch in range(1, len(utils.split_paths(self.cfg.data)) + 1)
+        ]
+        if not self.cfg.disable_validation:
+            splits += [
+                (split, 1)
+                for split in str(self.cfg.valid_subset).split(",")
+                if split and split != self.cfg.train_subset
+            ]
+        stores = []
+        for split, epoch in splits:
+            store = self._open_store(split, epoch)
+            if store is None:
+                continue
+            if store.is_shard:
+                shard = store.header["shard"]
+                raise TopKStoreMismatch(
+                    f"top-k store {store.path} (split '{split}') is shard "
+                    f"{shard['shard_id']} of {shard['num_shards']}: merge the "
+                    "shards with fairseq-kd-merge-topk"
+                )
+            if all(store is not other for _, other in stores):
+                stores.append((split, store))
+        ref_split, ref = stores[0]
+        for split, store in stores[1:]:
+            for key, what in (
+                ("teachers", "teachers"),
+                ("source_dictionary", "source dictionaries"),
+                ("target_dictionary", "target dictionaries"),
+            ):
+                if _identity(ref.header, key) != _identity(store.header, key):
+                    raise TopKStoreMismatch(
+                        f"the top-k stores of this run come from different {what}: "
+                        f"{ref.path} (split '{ref_split}') has "
+                        f"{_describe_identity(ref.header, key)}, {store.path} "
+                        f"(split '{split}') has "
+                        f"{_describe_identity(store.header, key)}. Dump every "
+                        "split (and data folder) with the same teacher and data."
+                    )
+        self._checked_stores = stores
+        return stores
+
     @property
     def teacher_support(self):
-        """Entries per position the teacher provides (None: the vocabulary)."""
+        """Entries per position every store provides (None: the vocabulary).
+
+        The smallest ``k`` of all the stores the run reads (see
+        :meth:`teacher_stores`).
+        """
         if not self.cfg.teacher_topk:
             return None
-        return self._open_store(self.cfg.train_subset).k
+        return min(store.k for _, store in self.teacher_stores())
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         """Load a split; with ``--teacher-topk``, attach its verified store.
@@ -184,6 +268,7 @@ class TranslationKDTask(TranslationTask):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         if not self.cfg.teacher_topk:
             return
+        self.teacher_stores()
         store = self._open_store(split, epoch)
         if store is None:
             logger.warning(
@@ -242,6 +327,16 @@ class TranslationKDTask(TranslationTask):
             cfg: the criterion config.
             from_checkpoint: passed on to fairseq.
         """
+        kd_topk = getattr(cfg, "kd_topk", 0) or 0
+        if self.cfg.teacher_topk and not from_checkpoint:
+            for split, store in self.teacher_stores():
+                if kd_topk > store.k:
+                    raise ValueError(
+                        f"--kd-topk {kd_topk} is larger than the {store.k} entries "
+                        f"per position of the top-k store {store.path} (split "
+                        f"'{split}'): dump it again with --k {kd_topk} or more, or "
+                        f"lower --kd-topk"
+                    )
         if from_checkpoint:
             criterion = super().build_criterion(cfg, from_checkpoint=True)
         else:
