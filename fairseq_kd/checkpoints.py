@@ -9,11 +9,16 @@ from fairseq import checkpoint_utils, models, utils
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from fairseq_kd.topk_store import describe_symbol_difference, dictionary_signature
+from fairseq_kd.topk_store import (
+    describe_symbol_difference,
+    dictionary_signature,
+    file_sha256,
+)
 
 logger = logging.getLogger(__name__)
 
 _FORCE_PICKLE = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+_SHA256_CACHE = {}  # (real path, size, mtime) -> sha256
 
 
 @contextlib.contextmanager
@@ -58,6 +63,28 @@ def split_checkpoint_paths(paths):
         paths: one path, or several separated by ``:``.
     """
     return [p for p in utils.split_paths(paths) if p]
+
+
+def checkpoint_fingerprint(paths):
+    """Who the teachers are: each checkpoint's path and sha256.
+
+    Each file is hashed once per process (cached by path, size and
+    modification time).
+
+    Args:
+        paths: checkpoint paths, ``:``-separated.
+
+    Returns:
+        A list of ``{"path", "sha256"}``, in the order given.
+    """
+    out = []
+    for path in split_checkpoint_paths(paths):
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _SHA256_CACHE:
+            _SHA256_CACHE[key] = file_sha256(path)
+        out.append({"path": path, "sha256": _SHA256_CACHE[key]})
+    return out
 
 
 def _output_vocab_size(model_state):

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 import fairseq_kd
 from fairseq_kd.checkpoints import (
+    checkpoint_fingerprint,
     load_teacher_ensemble,
-    split_checkpoint_paths,
     teacher_log_probs,
 )
 from fairseq_kd.topk_store import (
@@ -26,7 +26,6 @@ from fairseq_kd.topk_store import (
     data_folder_output,
     data_signature,
     differing_keys,
-    file_sha256,
     pair_sizes,
 )
 
@@ -303,10 +302,7 @@ def dump_split(cfg, task, teachers, split, epoch, folder, output, skip_finished=
         data_folder=os.path.abspath(folder),
         source_lang=task.cfg.source_lang,
         target_lang=task.cfg.target_lang,
-        teachers=[
-            {"path": p, "sha256": file_sha256(p)}
-            for p in split_checkpoint_paths(cfg.common_eval.path)
-        ],
+        teachers=checkpoint_fingerprint(cfg.common_eval.path),
         dump={
             "fp16": bool(cfg.common.fp16),
             "max_tokens": max_tokens,

@@ -486,3 +486,17 @@ def test_a_valid_store_of_another_teacher_is_refused_at_start_up(data_bin, mixed
         task.load_dataset("train", combine=True)
     task, _ = make_task(data_bin, "--teacher-topk", root, "--disable-validation")
     task.load_dataset("train", combine=True)  # the valid store is not read then
+
+
+def test_a_store_records_its_teachers_in_the_checkpoint(data_bin, teacher, topk_root):
+    from fairseq_kd.topk_store import file_sha256
+
+    task, _ = make_task(data_bin, "--teacher-topk", topk_root)
+    saved = task.get_checkpoint_dict()["TranslationKDTask"]
+    assert [t["sha256"] for t in saved["teachers"]] == [file_sha256(teacher)]
+    task.set_checkpoint_dict(saved)  # the same teacher resumes
+    other = {"teachers": [{"path": "/old/teacher.pt", "sha256": "ab" * 32}]}
+    with pytest.raises(ValueError, match=r"/old/teacher.pt \(sha256 abababababab\)"):
+        task.set_checkpoint_dict(other)
+    task, _ = make_task(data_bin, "--teacher-topk", topk_root, "--teacher-allow-change")
+    task.set_checkpoint_dict(other)

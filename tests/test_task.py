@@ -195,3 +195,45 @@ def test_a_teacher_with_fewer_positions_filters_long_sentences(
     assert "max_positions=(8, 8)" in output  # fairseq's filter, with the teacher's
     steps = json_logs(proc.stdout, "train_inner")
     assert len(steps) == 8 and all(float(r["kd_loss"]) > 0 for r in steps)
+
+
+def test_resume_refuses_another_teacher(data_bin, teacher, teacher_early, tmp_path):
+    from corpus import STUDENT_ARCH, TRAIN_FLAGS, run, train
+
+    from fairseq_kd import compat
+    from fairseq_kd.topk_store import file_sha256
+
+    if not compat.restores_task_checkpoint_dict():
+        pytest.skip("this fairseq does not restore task.get_checkpoint_dict()")
+    save = str(tmp_path / "student")
+    user_dir = os.path.join(os.path.dirname(__file__), "..", "fairseq_kd")
+
+    def flags(path, *extra):
+        return ["--user-dir", user_dir, "--task", "translation_kd"] + [
+            "--teacher-path", path, "--criterion", "word_kd", "--kd-alpha", "0.5",
+            "--disable-validation", *extra,
+        ]  # fmt: skip
+
+    train(data_bin, save, flags(teacher), arch=STUDENT_ARCH, updates=2)
+    saved = torch.load(os.path.join(save, "checkpoint_last.pt"), weights_only=False)
+    recorded = saved["extra_state"]["TranslationKDTask"]["teachers"]
+    assert [t["sha256"] for t in recorded] == [file_sha256(teacher)]
+
+    def resume(path, updates, *extra):
+        cmd = ["fairseq-train", data_bin, "--save-dir", save]
+        cmd += ["--max-update", str(updates), *STUDENT_ARCH, *TRAIN_FLAGS]
+        return run(cmd + flags(path, *extra), check=False)
+
+    proc = resume(teacher_early, 4)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    original = file_sha256(teacher)[:12]
+    assert f"trained with teacher(s) {teacher} (sha256 {original})" in output
+    early = file_sha256(teacher_early)[:12]
+    assert f"this run's teacher is {teacher_early} (sha256 {early})" in output
+    assert "--teacher-allow-change" in output
+    proc = resume(teacher_early, 4, "--teacher-allow-change")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--teacher-allow-change: resuming" in proc.stdout + proc.stderr
+    proc = resume(teacher_early, 6)  # the checkpoint now records the new teacher
+    assert proc.returncode == 0, proc.stderr[-3000:]

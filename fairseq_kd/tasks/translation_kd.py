@@ -11,7 +11,11 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
-from fairseq_kd.checkpoints import load_teacher_ensemble, teacher_log_probs
+from fairseq_kd.checkpoints import (
+    checkpoint_fingerprint,
+    load_teacher_ensemble,
+    teacher_log_probs,
+)
 from fairseq_kd.topk_dataset import TEACHER_KEY, TopKTeacherDataset
 from fairseq_kd.topk_store import (
     HEADER,
@@ -35,12 +39,14 @@ def _identity(header, key):
     return header.get(key)
 
 
+def _describe_teachers(teachers):
+    return ", ".join(f"{t['path']} (sha256 {t['sha256'][:12]})" for t in teachers)
+
+
 def _describe_identity(header, key):
     value = _identity(header, key)
     if key == "teachers":
-        return "teacher(s) " + ", ".join(
-            f"{t['path']} ({t['sha256'][:12]})" for t in header.get("teachers", [])
-        )
+        return "teacher(s) " + _describe_teachers(header.get("teachers", []))
     return f"{value['size']} symbols, sha256 {value['sha256'][:12]}"
 
 
@@ -74,6 +80,14 @@ class TranslationKDConfig(TranslationConfig):
     )
     valid_subset: str = II("dataset.valid_subset")
     disable_validation: bool = II("dataset.disable_validation")
+    teacher_allow_change: bool = field(
+        default=False,
+        metadata={
+            "help": "resume a checkpoint trained with other teachers than this "
+            "run's (their sha256 is recorded in each checkpoint); refused "
+            "without this option"
+        },
+    )
     teacher_topk_checksums: bool = field(
         default=False,
         metadata={
@@ -344,14 +358,34 @@ class TranslationKDTask(TranslationTask):
         self.criterion = criterion
         return criterion
 
+    def teacher_fingerprint(self):
+        """The teachers of this run: ``[{"path", "sha256"}]``, or None.
+
+        A live teacher's checkpoint files (hashed once), or the teachers named
+        in the header of the top-k stores (all alike, see
+        :meth:`teacher_stores`).
+        """
+        if self.cfg.teacher_path:
+            return checkpoint_fingerprint(self.cfg.teacher_path)
+        if self.cfg.teacher_topk:
+            _, store = self.teacher_stores()[0]
+            return [
+                {"path": t["path"], "sha256": t["sha256"]}
+                for t in store.header["teachers"]
+            ]
+        return None
+
     def get_checkpoint_dict(self):
         """State fairseq saves in each checkpoint's ``extra_state``.
 
-        fairseq saves a criterion's ``state_dict`` only when it has
+        The teachers' fingerprint (see :meth:`teacher_fingerprint`), compared
+        on resume. fairseq saves a criterion's ``state_dict`` only when it has
         parameters; a criterion with other state (``word_kd``'s global
         selection queue) exposes ``checkpoint_state()`` and rides along here.
         """
         state = {}
+        if self.has_teacher:
+            state["teachers"] = self.teacher_fingerprint()
         if hasattr(self.criterion, "checkpoint_state"):
             criterion_state = self.criterion.checkpoint_state()
             if criterion_state:
@@ -361,9 +395,28 @@ class TranslationKDTask(TranslationTask):
     def set_checkpoint_dict(self, state):
         """Restore :meth:`get_checkpoint_dict`'s state when fairseq resumes.
 
+        A checkpoint trained with other teachers (sha256) than this run's is
+        refused unless ``--teacher-allow-change``.
+
         Args:
             state: the dictionary saved under this task's class name.
         """
+        saved = state.get("teachers")
+        if saved is not None and self.has_teacher:
+            current = self.teacher_fingerprint()
+            if [t["sha256"] for t in saved] != [t["sha256"] for t in current]:
+                message = (
+                    "the checkpoint being resumed was trained with teacher(s) "
+                    f"{_describe_teachers(saved)}, but this run's teacher is "
+                    f"{_describe_teachers(current)}"
+                )
+                if not self.cfg.teacher_allow_change:
+                    raise ValueError(
+                        f"{message}: resuming would switch teachers. Give the "
+                        "original teacher, start a new --save-dir, or pass "
+                        "--teacher-allow-change to resume with this one"
+                    )
+                logger.warning(f"{message} (--teacher-allow-change: resuming)")
         if "criterion" in state and hasattr(self.criterion, "load_checkpoint_state"):
             self.criterion.load_checkpoint_state(state["criterion"])
 
