@@ -7,13 +7,20 @@ import pickle
 import warnings
 
 from fairseq import checkpoint_utils, models, utils
+from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from fairseq_kd.teacher import teacher_distribution
+from fairseq_kd.topk_store import (
+    describe_symbol_difference,
+    dictionary_signature,
+    file_sha256,
+)
 
 logger = logging.getLogger(__name__)
 
 _FORCE_PICKLE = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+_SHA256_CACHE = {}  # (real path, size, mtime) -> sha256
 _FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
@@ -137,6 +144,28 @@ def split_checkpoint_paths(paths):
     return [p for p in utils.split_paths(paths) if p]
 
 
+def checkpoint_fingerprint(paths):
+    """Who the teachers are: each checkpoint's path and sha256.
+
+    Each file is hashed once per process (cached by path, size and
+    modification time).
+
+    Args:
+        paths: checkpoint paths, ``:``-separated.
+
+    Returns:
+        A list of ``{"path", "sha256"}``, in the order given.
+    """
+    out = []
+    for path in split_checkpoint_paths(paths):
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _SHA256_CACHE:
+            _SHA256_CACHE[key] = file_sha256(path)
+        out.append({"path": path, "sha256": _SHA256_CACHE[key]})
+    return out
+
+
 def _output_vocab_size(model_state):
     for key in ("decoder.output_projection.weight", "decoder.embed_out"):
         if key in model_state:
@@ -144,15 +173,75 @@ def _output_vocab_size(model_state):
     return model_state["decoder.embed_tokens.weight"].size(0)
 
 
-def check_teacher_dictionaries(path, model_state, src_dict, tgt_dict):
+def _teacher_cfg(state):
+    if state.get("args") is not None:
+        return convert_namespace_to_omegaconf(state["args"])
+    return state["cfg"]
+
+
+def teacher_dictionary_files(path, state, src_lang, tgt_lang, dict_dir=None):
+    """Where the teacher's dictionaries are, or None when they cannot be found.
+
+    A fairseq checkpoint does not hold its dictionaries: they are read from
+    ``dict_dir`` when given (``--teacher-dict-dir``), else from the first
+    folder of the checkpoint's ``task.data``.
+
+    Args:
+        path: the teacher checkpoint (for messages).
+        state: its loaded state.
+        src_lang: source language to use when the checkpoint names none.
+        tgt_lang: target language to use when the checkpoint names none.
+        dict_dir: the folder holding ``dict.SRC.txt`` and ``dict.TGT.txt``.
+
+    Returns:
+        ``(source file, target file)``, or ``(None, why)`` when not found.
+    """
+    task_cfg = getattr(_teacher_cfg(state), "task", None)
+    src = getattr(task_cfg, "source_lang", None) or src_lang
+    tgt = getattr(task_cfg, "target_lang", None) or tgt_lang
+    if dict_dir:
+        files = tuple(os.path.join(dict_dir, f"dict.{lang}.txt") for lang in (src, tgt))
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(
+                f"--teacher-dict-dir {dict_dir}: no {', '.join(missing)} (the "
+                f"teacher {path} translates {src}-{tgt})"
+            )
+        return files
+    data = getattr(task_cfg, "data", None)
+    if not data:
+        return None, "its config names no data folder (task.data)"
+    folder = split_checkpoint_paths(data)[0]
+    files = tuple(os.path.join(folder, f"dict.{lang}.txt") for lang in (src, tgt))
+    if not all(os.path.isfile(f) for f in files):
+        return None, (
+            f"its data folder {folder} (task.data) holds no dict.{src}.txt and "
+            f"dict.{tgt}.txt"
+        )
+    return files
+
+
+def check_teacher_dictionaries(
+    path, state, src_dict, tgt_dict, src_lang=None, tgt_lang=None, dict_dir=None
+):
     """Refuse a teacher whose vocabularies differ from the task's.
+
+    The sizes are compared with the checkpoint's embeddings; the symbols (a
+    sha256 of the symbol list, then the first differing id) with the
+    teacher's dictionary files (see :func:`teacher_dictionary_files`). When
+    those cannot be found, a warning says that only the sizes were compared.
 
     Args:
         path: the teacher checkpoint (for the message).
-        model_state: the teacher's ``state["model"]``.
+        state: the teacher's loaded state (``state["model"]`` and its config).
         src_dict: the task's source dictionary.
         tgt_dict: the task's target dictionary.
+        src_lang: the task's source language (when the checkpoint names none).
+        tgt_lang: the task's target language.
+        dict_dir: ``--teacher-dict-dir``: the folder of the teacher's
+            ``dict.SRC.txt`` and ``dict.TGT.txt``.
     """
+    model_state = state["model"]
     teacher_src = model_state["encoder.embed_tokens.weight"].size(0)
     teacher_tgt = _output_vocab_size(model_state)
     if teacher_src != len(src_dict) or teacher_tgt != len(tgt_dict):
@@ -163,33 +252,66 @@ def check_teacher_dictionaries(path, model_state, src_dict, tgt_dict):
             "(target) symbols. Binarize the student's data with the teacher's "
             "dictionaries (fairseq-preprocess --srcdict/--tgtdict)."
         )
+    files = teacher_dictionary_files(path, state, src_lang, tgt_lang, dict_dir)
+    if files[0] is None:
+        logger.warning(
+            f"could not compare the symbols of teacher {path}'s dictionaries with "
+            f"this task's: {files[1]}, and --teacher-dict-dir is not set. Only "
+            "their sizes were compared; give --teacher-dict-dir DIR (the folder "
+            "of the teacher's dict.*.txt) to compare the symbols."
+        )
+        return
+    for side, file, ours in zip(("source", "target"), files, (src_dict, tgt_dict)):
+        theirs = Dictionary.load(file)
+        if dictionary_signature(theirs) == dictionary_signature(ours):
+            continue
+        diff = describe_symbol_difference(
+            theirs, ours, f"the teacher's {file}", "this task's"
+        )
+        raise ValueError(
+            f"teacher {path} was trained with another {side} dictionary than this "
+            f"task's, though both have {len(ours)} symbols: {diff}. Binarize the "
+            "student's data with the teacher's dictionaries (fairseq-preprocess "
+            "--srcdict/--tgtdict), or name the teacher's own dictionaries with "
+            "--teacher-dict-dir."
+        )
 
 
-def load_teacher_ensemble(paths, task):
+def load_teacher_ensemble(paths, task, dict_dir=None):
     """Load one or more teacher checkpoints for ``task``, frozen, on the CPU.
 
     Each model is built with the task's dictionaries (after checking their
-    sizes against the checkpoint), put in eval mode and has gradients turned
-    off. The models are returned in a plain list so that nothing registers
-    them as submodules of the student or the criterion.
+    sizes and symbols against the teacher's, see
+    :func:`check_teacher_dictionaries`), put in eval mode and has gradients
+    turned off. The models are returned in a plain list so that nothing
+    registers them as submodules of the student or the criterion.
 
     Args:
         paths: checkpoint paths, ``:``-separated.
         task: the task whose dictionaries the teacher must share.
+        dict_dir: folder of the teachers' ``dict.SRC.txt``/``dict.TGT.txt``
+            (``--teacher-dict-dir``); by default their ``task.data`` folder.
 
     Returns:
         A list of ``FairseqModel`` instances.
     """
     teachers = []
+    task_cfg = getattr(task, "cfg", None)
+    langs = (
+        getattr(task_cfg, "source_lang", None),
+        getattr(task_cfg, "target_lang", None),
+    )
     for path in split_checkpoint_paths(paths):
         state = load_checkpoint(path)
         check_teacher_dictionaries(
-            path, state["model"], task.source_dictionary, task.target_dictionary
+            path,
+            state,
+            task.source_dictionary,
+            task.target_dictionary,
+            *langs,
+            dict_dir=dict_dir,
         )
-        if state.get("args") is not None:
-            cfg = convert_namespace_to_omegaconf(state["args"])
-        else:
-            cfg = state["cfg"]
+        cfg = _teacher_cfg(state)
         model = models.build_model(cfg.model, task, from_checkpoint=True)
         model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
         model.eval()

@@ -16,7 +16,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from tqdm import tqdm
 
 import fairseq_kd
-from fairseq_kd.checkpoints import load_teacher_ensemble, split_checkpoint_paths
+from fairseq_kd.checkpoints import checkpoint_fingerprint, load_teacher_ensemble
 from fairseq_kd.teacher import (
     DTYPES,
     PRECISIONS,
@@ -25,9 +25,12 @@ from fairseq_kd.teacher import (
     teacher_distribution,
 )
 from fairseq_kd.topk_store import (
+    HEADER,
+    TopKStore,
     TopKWriter,
+    data_folder_output,
     data_signature,
-    file_sha256,
+    differing_keys,
     pair_sizes,
 )
 
@@ -48,11 +51,19 @@ def add_dump_args(parser):
     group.add_argument(
         "--output", required=True, metavar="DIR",
         help="folder of the store (with --num-shards: the folder holding one "
-        "shard-III-of-NNN subfolder per shard)",
+        "shard-III-of-NNN subfolder per shard; with data in several folders "
+        "DATA=bin1:bin2, the training split is dumped once per folder, to "
+        "DIR/data-000, DIR/data-001...)",
     )  # fmt: skip
     group.add_argument(
         "--k", type=int, default=8,
         help="teacher tokens stored per target position (most probable first)",
+    )  # fmt: skip
+    group.add_argument(
+        "--teacher-dict-dir", default=None, metavar="DIR",
+        help="folder of the teacher's dictionaries (dict.SRC.txt, dict.TGT.txt), "
+        "whose symbols must equal the data's; by default the data folder named "
+        "in the teacher's checkpoint",
     )  # fmt: skip
     group.add_argument(
         "--commit-interval", type=int, default=50, metavar="N",
@@ -370,12 +381,20 @@ def _abort_after():
 def dump(cfg):
     """Run the dump described by a fairseq config (see ``get_parser``).
 
+    With data in several folders (``DATA=bin1:bin2``, one per epoch), the
+    training split is dumped once per folder, to ``--output``'s
+    ``data-000``, ``data-001``... subfolders (see
+    :func:`fairseq_kd.topk_store.data_folder_output`); other splits come from
+    the first folder, as fairseq reads them.
+
     Args:
-        cfg: the omegaconf config; ``cfg.dump`` holds ``output``, ``k`` and
-            ``commit_interval``.
+        cfg: the omegaconf config; ``cfg.dump`` holds ``output``, ``k``,
+            ``commit_interval`` and ``teacher_dict_dir``.
 
     Returns:
-        A dict of statistics (sentences, tokens, seconds, bytes, header).
+        A dict of statistics (sentences, tokens, seconds, bytes, header) of
+        the store written; with several data folders, the sums and a
+        ``stores`` list with each folder's statistics.
     """
     utils.import_user_module(cfg.common)
     dump_cfg = cfg.dump
@@ -388,29 +407,97 @@ def dump(cfg):
         raise ValueError(
             f"--shard-id {shard_id} must be in [0, --num-shards {num_shards})"
         )
-    max_tokens, max_sentences = cfg.dataset.max_tokens, cfg.dataset.batch_size
-    if max_tokens is None and max_sentences is None:
-        max_tokens = DEFAULT_MAX_TOKENS
-    use_cuda = torch.cuda.is_available() and not cfg.common.cpu
-
     split = cfg.dataset.gen_subset
     task = tasks.setup_task(cfg.task)
-    task.load_dataset(split, combine=split == cfg.dataset.train_subset)
-    dataset = task.dataset(split)
-    tgt_dict = task.target_dictionary
-    if dump_cfg.k > len(tgt_dict):
+    if dump_cfg.k > len(task.target_dictionary):
         raise ValueError(
-            f"--k {dump_cfg.k} is larger than the target dictionary ({len(tgt_dict)})"
+            f"--k {dump_cfg.k} is larger than the target dictionary "
+            f"({len(task.target_dictionary)})"
         )
-    _, tgt_sizes = pair_sizes(dataset)
-
-    paths = split_checkpoint_paths(cfg.common_eval.path)
     with torch.random.fork_rng(devices=[]):
-        teachers = load_teacher_ensemble(cfg.common_eval.path, task)
+        teachers = load_teacher_ensemble(
+            cfg.common_eval.path, task, dict_dir=dump_cfg.teacher_dict_dir
+        )
+    use_cuda = torch.cuda.is_available() and not cfg.common.cpu
     precision = dump_precision(dump_cfg.teacher_precision, cfg.common, use_cuda)
     place_teachers(
         teachers, torch.device("cuda" if use_cuda else "cpu"), precision.weights
     )
+    folders = utils.split_paths(cfg.task.data)
+    if split != cfg.dataset.train_subset:
+        folders = folders[:1]  # fairseq reads other splits from the first folder
+    runs = []
+    for index, folder in enumerate(folders):
+        output = data_folder_output(dump_cfg.output, index, len(folders))
+        runs.append(
+            dump_split(
+                cfg,
+                task,
+                teachers,
+                precision,
+                split,
+                index + 1,
+                folder,
+                output,
+                len(folders) > 1,
+            )
+        )
+    if len(runs) == 1:
+        return runs[0]
+    totals = {
+        key: sum(r[key] for r in runs)
+        for key in ("sentences", "tokens", "seconds", "bytes")
+    }
+    return dict(totals, stores=runs, output=dump_cfg.output)
+
+
+def _check_teacher_positions(teachers, dataset, split):
+    """Refuse a split with sentences longer than a teacher's positional table."""
+    limits = utils.resolve_max_positions(*(t.max_positions() for t in teachers))
+    _, ignored = dataset.filter_indices_by_size(np.arange(len(dataset)), limits)
+    if len(ignored):
+        i = int(ignored[0])
+        raise ValueError(
+            f"{len(ignored)} sentences of split '{split}' are longer than the "
+            f"teacher's maximum positions {limits} (the first: sentence {i}, "
+            f"{int(dataset.src_sizes[i])} source and {int(dataset.tgt_sizes[i])} "
+            "target tokens). A store holds every sentence of its split: drop "
+            "those sentences from the data, or use a teacher with longer positions"
+        )
+
+
+def dump_split(
+    cfg, task, teachers, precision, split, epoch, folder, output, skip_finished=False
+):
+    """Dump the teachers' top-k of one split of one data folder.
+
+    Args:
+        cfg: the dump's config (see :func:`dump`).
+        task: the task (its dictionaries are the data's).
+        teachers: the loaded teachers, on their device.
+        precision: the teachers' :class:`~fairseq_kd.teacher.TeacherPrecision`.
+        split: the split's name.
+        epoch: fairseq's epoch that loads ``folder`` (1 for the first).
+        folder: the data folder (for the signature).
+        output: the store's folder (before ``--num-shards``).
+        skip_finished: keep a finished store of this very dump (same
+            signature and k) instead of refusing it, so that rerunning a dump
+            of several data folders resumes with the first unfinished one.
+
+    Returns:
+        The store's statistics (see :func:`dump`).
+    """
+    dump_cfg = cfg.dump
+    num_shards, shard_id = cfg.dataset.num_shards, cfg.dataset.shard_id
+    max_tokens, max_sentences = cfg.dataset.max_tokens, cfg.dataset.batch_size
+    if max_tokens is None and max_sentences is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    use_cuda = next(teachers[0].parameters()).is_cuda
+    task.load_dataset(split, epoch=epoch, combine=split == cfg.dataset.train_subset)
+    dataset = task.dataset(split)
+    tgt_dict = task.target_dictionary
+    _, tgt_sizes = pair_sizes(dataset)
+    _check_teacher_positions(teachers, dataset, split)
 
     plan = make_plan(dataset, max_tokens, max_sentences)
     batches = plan[shard_id::num_shards]
@@ -418,9 +505,10 @@ def dump(cfg):
     signature = data_signature(dataset, task.source_dictionary, tgt_dict, split)
     signature.update(
         package_version=fairseq_kd.__version__,
+        data_folder=os.path.abspath(folder),
         source_lang=task.cfg.source_lang,
         target_lang=task.cfg.target_lang,
-        teachers=[{"path": p, "sha256": file_sha256(p)} for p in paths],
+        teachers=checkpoint_fingerprint(cfg.common_eval.path),
         dump={
             "precision": precision.name,
             "max_tokens": max_tokens,
@@ -429,7 +517,19 @@ def dump(cfg):
     )
     if num_shards > 1:
         signature["shard"] = {"num_shards": num_shards, "shard_id": shard_id}
-    out = shard_output(dump_cfg.output, num_shards, shard_id)
+    out = shard_output(output, num_shards, shard_id)
+    if skip_finished and os.path.isfile(os.path.join(out, HEADER)):
+        header = TopKStore(out).header
+        if header["k"] == dump_cfg.k and not differing_keys(
+            {key: header.get(key) for key in signature}, signature
+        ):
+            logger.info(f"{out} already holds this dump's finished store: kept")
+            n_bytes = sum(spec["bytes"] for spec in header["arrays"].values())
+            return {
+                "sentences": 0, "tokens": 0, "seconds": 0.0, "bytes": n_bytes,
+                "bytes_per_token": n_bytes / max(header["num_tokens"], 1),
+                "header": header, "output": out,
+            }  # fmt: skip
     writer = TopKWriter(
         out,
         signature,
@@ -441,6 +541,54 @@ def dump(cfg):
     start = writer.batches_done
     if start:
         logger.info(f"resuming {out} after {start} of {len(batches)} batches")
+    n_sent, n_tok, loop_seconds = dump_batches(
+        cfg, teachers, precision, dataset, writer, batches, start, split
+    )
+    header = writer.finalize()
+    n_bytes = sum(spec["bytes"] for spec in header["arrays"].values())
+    total_tokens = header["num_tokens"]
+    stats = {
+        "sentences": n_sent,
+        "tokens": n_tok,
+        "seconds": loop_seconds,
+        "bytes": n_bytes,
+        "bytes_per_token": n_bytes / max(total_tokens, 1),
+        "header": header,
+        "output": out,
+    }
+    logger.info(
+        f"dumped top-{dump_cfg.k} of split '{split}' of {folder}"
+        + (f" (shard {shard_id} of {num_shards})" if num_shards > 1 else "")
+        + f": {len(ids):,} sentences, {total_tokens:,} target tokens, "
+        f"{n_bytes:,} bytes ({stats['bytes_per_token']:.2f} bytes/token) in {out}; "
+        f"average top-k mass {header['avg_topk_mass']:.4f}; "
+        f"{loop_seconds:.1f}s this run "
+        f"({n_sent / max(loop_seconds, 1e-9):.0f} sentences/s, "
+        f"{n_tok / max(loop_seconds, 1e-9):.0f} tokens/s)"
+    )
+    return stats
+
+
+def dump_batches(cfg, teachers, precision, dataset, writer, batches, start, split):
+    """Run the teachers over ``batches[start:]`` and write their top-k.
+
+    Args:
+        cfg: the dump's config.
+        teachers: the loaded teachers, on their device.
+        precision: the teachers' :class:`~fairseq_kd.teacher.TeacherPrecision`.
+        dataset: the split's ``LanguagePairDataset``.
+        writer: the store's ``TopKWriter`` (committed every
+            ``--commit-interval`` batches).
+        batches: the whole plan of this store (lists of sentence ids).
+        start: batches already done (a resumed dump).
+        split: the split's name (for the progress bar).
+
+    Returns:
+        ``(sentences, target tokens, seconds)`` of this run.
+    """
+    dump_cfg = cfg.dump
+    use_cuda = next(teachers[0].parameters()).is_cuda
+    _, tgt_sizes = pair_sizes(dataset)
     tokens_done = int(sum(tgt_sizes[b].sum() for b in batches[:start]))
     todo = batches[start:]
     loader = torch.utils.data.DataLoader(
@@ -473,7 +621,7 @@ def dump(cfg):
             teachers,
             writer,
             dump_cfg.k,
-            tgt_dict.pad(),
+            dataset.tgt_dict.pad(),
             tgt_sizes,
             first_step=start + 1,
             commit_interval=dump_cfg.commit_interval,
@@ -485,30 +633,7 @@ def dump(cfg):
         )
     finally:
         bar.close()
-    loop_seconds = time.perf_counter() - t0
-    header = writer.finalize()
-    n_bytes = sum(spec["bytes"] for spec in header["arrays"].values())
-    total_tokens = header["num_tokens"]
-    stats = {
-        "sentences": n_sent,
-        "tokens": n_tok,
-        "seconds": loop_seconds,
-        "bytes": n_bytes,
-        "bytes_per_token": n_bytes / max(total_tokens, 1),
-        "header": header,
-        "output": out,
-    }
-    logger.info(
-        f"dumped top-{dump_cfg.k} of split '{split}'"
-        + (f" (shard {shard_id} of {num_shards})" if num_shards > 1 else "")
-        + f": {len(ids):,} sentences, {total_tokens:,} target tokens, "
-        f"{n_bytes:,} bytes ({stats['bytes_per_token']:.2f} bytes/token) in {out}; "
-        f"average top-k mass {header['avg_topk_mass']:.4f}; "
-        f"{loop_seconds:.1f}s this run "
-        f"({n_sent / max(loop_seconds, 1e-9):.0f} sentences/s, "
-        f"{n_tok / max(loop_seconds, 1e-9):.0f} tokens/s)"
-    )
-    return stats
+    return n_sent, n_tok, time.perf_counter() - t0
 
 
 def parse(argv=None):
@@ -529,6 +654,7 @@ def parse(argv=None):
                 "k": args.k,
                 "commit_interval": args.commit_interval,
                 "teacher_precision": args.teacher_precision,
+                "teacher_dict_dir": args.teacher_dict_dir,
             }
         )
     return cfg

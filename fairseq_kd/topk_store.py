@@ -43,6 +43,43 @@ DATA_FIELDS = (
 )
 
 
+DATA_FOLDER_PREFIX = "data-"  # DIR/data-000...: one store per data folder
+
+
+def data_folder_output(output, index, num_folders):
+    """The store of data folder ``index`` under ``output``.
+
+    With one data folder the store is ``output`` itself; with several
+    (``DATA=bin1:bin2``, which fairseq reads one per epoch for the training
+    split), folder ``i`` (from 0, in the order given) has
+    ``output/data-III``.
+
+    Args:
+        output: the store folder (``--output`` / ``--teacher-topk`` or its
+            split subfolder).
+        index: the data folder's position in ``DATA``.
+        num_folders: how many folders ``DATA`` names.
+    """
+    if num_folders <= 1:
+        return output
+    return os.path.join(output, f"{DATA_FOLDER_PREFIX}{index:03d}")
+
+
+def data_folder_stores(path):
+    """The ``data-III`` subfolders of ``path`` (sorted), [] if none.
+
+    Args:
+        path: a folder.
+    """
+    if not os.path.isdir(path):
+        return []
+    return sorted(
+        d
+        for d in os.listdir(path)
+        if d.startswith(DATA_FOLDER_PREFIX) and os.path.isdir(os.path.join(path, d))
+    )
+
+
 class TopKStoreError(ValueError):
     """A store that cannot be read: missing, unfinished, truncated or corrupt."""
 
@@ -74,6 +111,50 @@ def dictionary_signature(dictionary):
     """
     text = "\n".join(dictionary.symbols).encode("utf-8")
     return {"size": len(dictionary), "sha256": _sha256_bytes(text)}
+
+
+def first_symbol_difference(a, b):
+    """The first id where two dictionaries hold different symbols.
+
+    Args:
+        a: a ``fairseq.data.Dictionary`` (or a list of symbols).
+        b: another one.
+
+    Returns:
+        ``(index, symbol_a, symbol_b)``, a missing symbol given as None, or
+        None when both hold the same symbols in the same order.
+    """
+    a, b = list(getattr(a, "symbols", a)), list(getattr(b, "symbols", b))
+    for i in range(max(len(a), len(b))):
+        sa = a[i] if i < len(a) else None
+        sb = b[i] if i < len(b) else None
+        if sa != sb:
+            return i, sa, sb
+    return None
+
+
+def describe_symbol_difference(a, b, name_a, name_b):
+    """A sentence naming the first id where dictionaries ``a`` and ``b`` differ.
+
+    Args:
+        a: a ``fairseq.data.Dictionary``.
+        b: another one.
+        name_a: what ``a`` is (for the message).
+        name_b: what ``b`` is.
+
+    Returns:
+        The sentence, or "" when both hold the same symbols.
+    """
+    diff = first_symbol_difference(a, b)
+    if diff is None:
+        return ""
+    i, sa, sb = diff
+    sig_a, sig_b = dictionary_signature(a), dictionary_signature(b)
+    return (
+        f"the first difference is at index {i}: {sa!r} in {name_a} "
+        f"({sig_a['size']} symbols, sha256 {sig_a['sha256'][:12]}), {sb!r} in "
+        f"{name_b} ({sig_b['size']} symbols, sha256 {sig_b['sha256'][:12]})"
+    )
 
 
 def lengths_sha256(lengths):
@@ -405,6 +486,10 @@ class TopKStore:
             if stored == actual:
                 continue
             line = f"{key}: store has {_describe(stored)}, data has {_describe(actual)}"
+            if key == "source_dictionary":
+                line += self._symbol_difference(key, src_dict)
+            elif key == "target_dictionary":
+                line += self._symbol_difference(key, tgt_dict)
             if key == "target_lengths_sha256" and self.num_sentences == len(dataset):
                 line += self._first_length_difference(pair_sizes(dataset)[1])
             problems.append(line)
@@ -415,6 +500,32 @@ class TopKStore:
                 + "\n  - ".join(problems)
                 + "\nDump the teacher again for this split (fairseq-kd-dump-topk)."
             )
+
+    def _symbol_difference(self, key, dictionary):
+        """Where the store's dictionary differs from ``dictionary``, if known.
+
+        The header holds only the symbols' sha256; the symbols themselves are
+        read from the dictionary file of the data folder the dump recorded,
+        when it still exists and still hashes the same.
+        """
+        lang = self.header.get(
+            "source_lang" if key.startswith("source") else "target_lang"
+        )
+        folder = self.header.get("data_folder")
+        file = os.path.join(folder, f"dict.{lang}.txt") if folder and lang else None
+        if file and os.path.isfile(file):
+            from fairseq.data import Dictionary
+
+            stored = Dictionary.load(file)
+            if dictionary_signature(stored) == self.header.get(key):
+                return "; " + describe_symbol_difference(
+                    stored, dictionary, f"the store's {file}", "the data's"
+                )
+        return (
+            " (the store records only the sha256 of its symbols, and the "
+            "dictionary of the data it was dumped from is not at hand: the first "
+            "differing symbol cannot be named)"
+        )
 
     def _first_length_difference(self, tgt_sizes):
         differ = np.nonzero(self.lengths() != tgt_sizes)[0]
@@ -492,7 +603,7 @@ class TopKWriter:
             with open(progress) as f:
                 state = json.load(f)
             if state["run_key"] != self.run_key:
-                differ = _differing_keys(state["run_key"], self.run_key)
+                differ = differing_keys(state["run_key"], self.run_key)
                 raise TopKStoreError(
                     f"{self.path} holds an unfinished dump made with other settings "
                     f"({', '.join(differ)} differ): rerun with the same ones, or "
@@ -627,7 +738,7 @@ def average_topk_mass(lprobs):
     return round(total / len(lprobs), 6)
 
 
-def _differing_keys(a, b, prefix=""):
+def differing_keys(a, b, prefix=""):
     """Dotted names of the fields where two JSON-like dicts differ."""
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return [prefix or "value"]
@@ -635,7 +746,7 @@ def _differing_keys(a, b, prefix=""):
     for key in sorted(set(a) | set(b)):
         name = f"{prefix}.{key}" if prefix else key
         if a.get(key) != b.get(key):
-            out.extend(_differing_keys(a.get(key), b.get(key), name))
+            out.extend(differing_keys(a.get(key), b.get(key), name))
     return out
 
 
@@ -670,7 +781,7 @@ def merge_shards(folder, output=None, delete_shards=False):
         if other != ref:
             raise TopKStoreMismatch(
                 f"shards {shards[0].path} and {s.path} come from different dumps "
-                f"({', '.join(_differing_keys(ref, other))} differ)"
+                f"({', '.join(differing_keys(ref, other))} differ)"
             )
     n = int(ref["num_sentences"])
     lengths = np.zeros(n, dtype=np.int64)

@@ -1,20 +1,21 @@
 """Training from a top-k store: same losses as live, alignment, start-up checks, DDP."""
 
 import os
+import re
 import socket
 import subprocess
 
 import numpy as np
 import pytest
 import torch
-from corpus import BIN, STUDENT_ARCH, TRAIN_FLAGS, json_logs, train
+from corpus import BIN, STUDENT_ARCH, TRAIN_FLAGS, json_logs, run, train
 from fairseq.data import Dictionary, LanguagePairDataset, bucket_pad_length_dataset
 from fakes import FakeModel
 from topk_util import SentenceReference, assert_entries_match, dump, make_task
 
 from fairseq_kd.checkpoints import load_teacher_ensemble
 from fairseq_kd.topk_dataset import TopKTeacherDataset, collate_teacher
-from fairseq_kd.topk_store import TopKStore, TopKStoreError
+from fairseq_kd.topk_store import TopKStore, TopKStoreError, TopKStoreMismatch
 
 USER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fairseq_kd")
 
@@ -341,3 +342,161 @@ def test_one_gather_path_is_used_only_where_it_is_exact(option):
     crit = WordKDCriterion(FakeTask(d), False, 0.1, kd_alpha=0.5, **option)
     assert not crit._shares_gather(teacher)
     assert not crit._shares_gather({"lprobs": teacher["lprobs"]})  # live, full vocab
+
+
+def _touch_store(path):
+    os.makedirs(path, exist_ok=True)
+    open(os.path.join(path, "header.json"), "w").close()
+    return path
+
+
+@pytest.mark.parametrize("layout", ["split folders", "data folders at the root"])
+def test_each_epoch_reads_the_store_of_its_data_folder(data_bin, tmp_path, layout):
+    root = str(tmp_path / "topk")
+    train_dir = os.path.join(root, "train") if layout == "split folders" else root
+    for i in range(2):
+        _touch_store(os.path.join(train_dir, f"data-{i:03d}"))
+    _touch_store(os.path.join(root, "valid"))
+    task, _ = make_task(f"{data_bin}:{data_bin}", "--teacher-topk", root)
+    paths = [task.topk_store_path("train", epoch) for epoch in (1, 2, 3)]
+    assert paths == [
+        os.path.join(train_dir, "data-000"),
+        os.path.join(train_dir, "data-001"),
+        os.path.join(train_dir, "data-000"),
+    ]
+    # other splits come from the first data folder, as fairseq reads them
+    assert task.topk_store_path("valid", 2) == os.path.join(root, "valid")
+    if layout == "split folders":
+        # one data folder: today's layouts are unchanged
+        task, _ = make_task(data_bin, "--teacher-topk", os.path.join(root, "valid"))
+        assert task.topk_store_path("train") == os.path.join(root, "valid")
+        assert task.topk_store_path("valid") is None
+    # three data folders but two stores, or one store for two folders: refused
+    task, _ = make_task(f"{data_bin}:{data_bin}:{data_bin}", "--teacher-topk", root)
+    with pytest.raises(TopKStoreError, match="expected data-000, data-001, data-002"):
+        task.topk_store_path("train", 1)
+    task, _ = make_task(
+        f"{data_bin}:{data_bin}", "--teacher-topk", os.path.join(root, "valid")
+    )
+    with pytest.raises(TopKStoreError, match="one store per data folder"):
+        task.topk_store_path("train", 1)
+
+
+@pytest.fixture(scope="module")
+def two_data_folders(corpus_text, data_bin, tmp_path_factory):
+    """The training corpus split in two folders binarized with one dictionary."""
+    from corpus import binarize
+
+    base = tmp_path_factory.mktemp("two_folders")
+    folders = []
+    for part in range(2):
+        text = base / f"text{part}"
+        text.mkdir()
+        for split in ("train", "valid", "test"):
+            for side in ("src", "tgt"):
+                with open(os.path.join(corpus_text, f"{split}.{side}")) as f:
+                    lines = f.readlines()
+                if split == "train":
+                    half = len(lines) // 2
+                    lines = lines[:half] if part == 0 else lines[half:]
+                (text / f"{split}.{side}").write_text("".join(lines))
+        dicts = ["--srcdict", os.path.join(data_bin, "dict.src.txt")]
+        dicts += ["--tgtdict", os.path.join(data_bin, "dict.tgt.txt")]
+        folders.append(binarize(str(text), str(base / f"bin{part}"), dicts))
+    return folders
+
+
+def test_sharded_data_trains_two_epochs_from_one_store_per_folder(
+    two_data_folders, teacher, tmp_path
+):
+    data = ":".join(two_data_folders)
+    root = str(tmp_path / "topk")
+    stats = dump(data, teacher, os.path.join(root, "train"))
+    assert [s["output"] for s in stats["stores"]] == [
+        os.path.join(root, "train", "data-000"),
+        os.path.join(root, "train", "data-001"),
+    ]
+    folders = [s["header"]["data_folder"] for s in stats["stores"]]
+    assert folders == [os.path.abspath(f) for f in two_data_folders]
+    dump(data, teacher, os.path.join(root, "valid"), "--gen-subset", "valid")
+    assert TopKStore(os.path.join(root, "valid")).header["split"] == "valid"
+    flags = ["--user-dir", USER_DIR, "--task", "translation_kd"]
+    flags += ["--teacher-topk", root, *kd_flags(1.0, 0, alpha=0.5)]
+    flags += ["--max-epoch", "2", "--no-save"]
+    proc = train(data, str(tmp_path / "s"), flags, arch=STUDENT_ARCH, updates=1000)
+    records = json_logs(proc.stdout, "train_inner")
+    epochs = {int(r["epoch"]) for r in records}
+    assert epochs == {1, 2}
+    assert all(float(r["kd_loss"]) > 0 for r in records)
+    assert len(json_logs(proc.stdout, "valid")) == 2
+
+
+@pytest.fixture(scope="module")
+def mixed_roots(data_bin, teacher, teacher_early, topk_root, tmp_path_factory):
+    """Folders whose train store is the top-8's, valid at k 4 or of another teacher."""
+    base = tmp_path_factory.mktemp("mixed")
+    roots = {}
+    for name, path, k in (("k4", teacher, 4), ("other", teacher_early, 8)):
+        root = base / name
+        root.mkdir()
+        os.symlink(os.path.join(topk_root, "train"), root / "train")
+        dump(
+            data_bin, path, str(root / "valid"), "--gen-subset", "valid", "--k", str(k)
+        )
+        roots[name] = str(root)
+    return roots
+
+
+def test_a_valid_store_with_fewer_entries_fails_at_start_up(
+    data_bin, mixed_roots, tmp_path
+):
+    root = mixed_roots["k4"]
+    task, cfg = make_task(data_bin, "--teacher-topk", root, *kd_flags(1.0, 8))
+    assert task.teacher_support == 4  # the smallest k of all the stores
+    valid = os.path.join(root, "valid")
+    message = (
+        "--kd-topk 8 is larger than the 4 entries per position of the top-k "
+        f"store {valid} (split 'valid')"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        task.build_criterion(cfg.criterion)
+    task, cfg = make_task(data_bin, "--teacher-topk", root, *kd_flags(1.0, 4))
+    task.build_criterion(cfg.criterion)  # k 4 is served by every store
+    flags = ["--user-dir", USER_DIR, "--task", "translation_kd"]
+    flags += ["--teacher-topk", root, *kd_flags(1.0, 8, alpha=0.5), "--no-save"]
+    cmd = ["fairseq-train", data_bin, "--save-dir", str(tmp_path / "s")]
+    cmd += ["--max-update", "5", *STUDENT_ARCH, *TRAIN_FLAGS, *flags]
+    proc = run(cmd, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not json_logs(proc.stdout, "train_inner")  # before any update
+
+
+def test_a_valid_store_of_another_teacher_is_refused_at_start_up(data_bin, mixed_roots):
+    root = mixed_roots["other"]
+    task, cfg = make_task(data_bin, "--teacher-topk", root, *kd_flags(1.0, 0))
+    message = (
+        r"different teachers: .*train \(split 'train'\) has teacher\(s\) .*"
+        r"valid \(split 'valid'\)"
+    )
+    with pytest.raises(TopKStoreMismatch, match=message):
+        task.build_criterion(cfg.criterion)
+    task, _ = make_task(data_bin, "--teacher-topk", root)
+    with pytest.raises(TopKStoreMismatch, match="different teachers"):
+        task.load_dataset("train", combine=True)
+    task, _ = make_task(data_bin, "--teacher-topk", root, "--disable-validation")
+    task.load_dataset("train", combine=True)  # the valid store is not read then
+
+
+def test_a_store_records_its_teachers_in_the_checkpoint(data_bin, teacher, topk_root):
+    from fairseq_kd.topk_store import file_sha256
+
+    task, _ = make_task(data_bin, "--teacher-topk", topk_root)
+    saved = task.get_checkpoint_dict()["TranslationKDTask"]
+    assert [t["sha256"] for t in saved["teachers"]] == [file_sha256(teacher)]
+    task.set_checkpoint_dict(saved)  # the same teacher resumes
+    other = {"teachers": [{"path": "/old/teacher.pt", "sha256": "ab" * 32}]}
+    with pytest.raises(ValueError, match=r"/old/teacher.pt \(sha256 abababababab\)"):
+        task.set_checkpoint_dict(other)
+    task, _ = make_task(data_bin, "--teacher-topk", topk_root, "--teacher-allow-change")
+    task.set_checkpoint_dict(other)

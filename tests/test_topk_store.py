@@ -259,3 +259,61 @@ def test_task_refuses_a_store_of_another_split(data_bin, topk_root):
     task, _ = make_task(data_bin, "--teacher-topk", os.path.join(topk_root, "valid"))
     with pytest.raises(TopKStoreMismatch, match="split: store has 'valid'"):
         task.load_dataset("train", combine=True)
+
+
+@pytest.fixture(scope="module")
+def reversed_bin(corpus_text, data_bin, tmp_path_factory):
+    """The corpus binarized with the teacher's symbols in another order."""
+    from topk_util import reversed_dictionary_data
+
+    dest = str(tmp_path_factory.mktemp("reversed_bin"))
+    return reversed_dictionary_data(corpus_text, data_bin, dest)
+
+
+def test_dump_refuses_a_teacher_with_other_symbols(
+    data_bin, reversed_bin, teacher, topk_root, tmp_path
+):
+    from fairseq.data import Dictionary
+
+    ours = Dictionary.load(os.path.join(data_bin, "dict.tgt.txt"))
+    theirs = Dictionary.load(os.path.join(reversed_bin, "dict.tgt.txt"))
+    i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    message = f"index {i}: '{ours[i]}' in the teacher's .*'{theirs[i]}' in this task's"
+    with pytest.raises(ValueError, match=message):
+        dump(reversed_bin, teacher, str(tmp_path / "out"), "--gen-subset", "valid")
+    assert not os.path.exists(tmp_path / "out")
+    # the explicit option names the teacher's dictionaries
+    with pytest.raises(ValueError, match=message.replace("teacher's", "teacher's .*")):
+        dump(
+            reversed_bin, teacher, str(tmp_path / "out"), "--gen-subset", "valid",
+            "--teacher-dict-dir", data_bin,
+        )  # fmt: skip
+    # a store against data with other symbols names the first difference too
+    task, _ = make_task(reversed_bin)
+    task.load_dataset("valid")
+    store = TopKStore(os.path.join(topk_root, "valid"))
+    with pytest.raises(TopKStoreMismatch, match=rf"target_dictionary: .*index {i}: "):
+        store.verify_against(
+            task.dataset("valid"), task.source_dictionary, task.target_dictionary,
+            "valid",
+        )  # fmt: skip
+    store.header["data_folder"] = "/nonexistent"
+    with pytest.raises(TopKStoreMismatch, match="only the sha256 of its symbols"):
+        store.verify_against(
+            task.dataset("valid"), task.source_dictionary, task.target_dictionary,
+            "valid",
+        )  # fmt: skip
+
+
+def test_dump_refuses_sentences_longer_than_the_teachers_positions(data_bin, tmp_path):
+    from topk_util import train_short_teacher
+
+    short = train_short_teacher(data_bin, str(tmp_path / "short"))
+    out = str(tmp_path / "out")
+    with pytest.raises(
+        ValueError,
+        match=r"sentences of split 'valid' are longer "
+        r"than the teacher's maximum positions \(8, 8\)",
+    ):
+        dump(data_bin, short, out, "--gen-subset", "valid")
+    assert not os.path.exists(out)

@@ -77,3 +77,59 @@ def assert_entries_match(lprobs, indices, reference, atol=4e-3):
     kth = reference.topk(indices.size(-1), dim=-1).values[:, -1]  # L
     assert (at_ids.min(-1).values >= kth - tol.max(-1).values).all()
     assert torch.all(lprobs[:, :-1] >= lprobs[:, 1:]), "entries not sorted"
+
+
+def reversed_dictionary_data(text_dir, data_bin, dest):
+    """The corpus binarized with the same number of symbols in another order.
+
+    The non-special symbols of ``data_bin``'s joined dictionary are written in
+    reverse order, so sizes agree and ids do not.
+
+    Args:
+        text_dir: the corpus text folder.
+        data_bin: the folder binarized with the teacher's dictionary.
+        dest: the new folder.
+    """
+    import os
+
+    from corpus import binarize
+
+    with open(os.path.join(data_bin, "dict.src.txt")) as f:
+        lines = f.readlines()
+    os.makedirs(dest, exist_ok=True)
+    reversed_dict = os.path.join(dest, "reversed.txt")
+    with open(reversed_dict, "w") as f:
+        f.writelines(lines[::-1])
+    flags = ["--srcdict", reversed_dict, "--tgtdict", reversed_dict]
+    return binarize(text_dir, dest, flags)
+
+
+def teacher_with_data(teacher, dest, data):
+    """A copy of ``teacher`` whose config names another data folder.
+
+    Args:
+        teacher: the checkpoint.
+        dest: the copy's path.
+        data: the ``task.data`` the copy names.
+    """
+    state = torch.load(teacher, map_location="cpu", weights_only=False)
+    state["cfg"]["task"]["data"] = data
+    torch.save(state, dest)
+    return dest
+
+
+def train_short_teacher(data, save):
+    """A teacher with learned positional tables of 8 positions (3 updates).
+
+    Args:
+        data: the binarized corpus (sentences up to 10 tokens).
+        save: its checkpoint folder.
+    """
+    import os
+
+    from corpus import train
+
+    short = ["--max-source-positions", "8", "--max-target-positions", "8"]
+    short += ["--encoder-learned-pos", "--decoder-learned-pos"]
+    train(data, save, short + ["--skip-invalid-size-inputs-valid-test"], updates=3)
+    return os.path.join(save, "checkpoint_last.pt")
