@@ -16,8 +16,6 @@ from fairseq_kd.tasks.translation_kd import TranslationKDConfig, TranslationKDTa
 RESOLVED = {
     "dataset_impl": "mmap",
     "train_subset": "train",
-    "valid_subset": "valid",
-    "disable_validation": False,
     "required_seq_len_multiple": 1,
 }
 
@@ -28,8 +26,9 @@ def model_cfg(teacher):
 
 
 def kd_task(data_bin, teacher_path, **options):
+    resolved = dict(RESOLVED, valid_subset="valid", disable_validation=False)
     cfg = TranslationKDConfig(
-        data=data_bin, teacher_path=teacher_path, **RESOLVED, **options
+        data=data_bin, teacher_path=teacher_path, **resolved, **options
     )
     return TranslationKDTask.setup_task(cfg)
 
