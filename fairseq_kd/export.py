@@ -64,40 +64,25 @@ def _plain(obj, where="state"):
     )
 
 
-def _stock_task(task_cfg):
-    """A plugin task's config as the stock task's: its fields only.
+def _as_stock(component_cfg, stock_names, registry):
+    """A plugin component's config as its stock counterpart's: its fields only.
+
+    Args:
+        component_cfg: the task's or criterion's config (a plain dict or None).
+        stock_names: plugin registry name -> stock registry name.
+        registry: fairseq's dataclass registry of that kind of component.
 
     Returns:
-        ``(config, dropped field names)``.
+        ``(config, dropped field names)``; a stock component is returned as
+        it is.
     """
-    from fairseq.tasks import TASK_DATACLASS_REGISTRY
-
-    name = task_cfg.get("_name")
-    if name not in STOCK_TASK:
-        return task_cfg, set()
-    stock = STOCK_TASK[name]
-    keep = _field_names(TASK_DATACLASS_REGISTRY[stock])
-    drop = _field_names(TASK_DATACLASS_REGISTRY[name]) - keep
-    out = {k: v for k, v in task_cfg.items() if k in keep}
-    out["_name"] = stock
-    return out, drop
-
-
-def _stock_criterion(criterion_cfg):
-    """A plugin criterion's config as the stock criterion's (same label smoothing).
-
-    Returns:
-        ``(config, dropped field names)``.
-    """
-    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
-
-    name = (criterion_cfg or {}).get("_name")
-    if name not in STOCK_CRITERION:
-        return criterion_cfg, set()
-    stock = STOCK_CRITERION[name]
-    keep = _field_names(CRITERION_DATACLASS_REGISTRY[stock])
-    drop = _field_names(CRITERION_DATACLASS_REGISTRY[name]) - keep
-    out = {k: v for k, v in criterion_cfg.items() if k in keep}
+    name = (component_cfg or {}).get("_name")
+    if name not in stock_names:
+        return component_cfg, set()
+    stock = stock_names[name]
+    keep = _field_names(registry[stock])
+    drop = _field_names(registry[name]) - keep
+    out = {k: v for k, v in component_cfg.items() if k in keep}
     out["_name"] = stock
     return out, drop
 
@@ -119,11 +104,14 @@ def export_state(state):
     Returns:
         The state to save.
     """
-    from fairseq.criterions import CRITERION_REGISTRY
+    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY, CRITERION_REGISTRY
+    from fairseq.tasks import TASK_DATACLASS_REGISTRY
 
     cfg = _plain(state["cfg"], "cfg")
-    task, task_drop = _stock_task(cfg["task"])
-    criterion, criterion_drop = _stock_criterion(cfg.get("criterion"))
+    task, task_drop = _as_stock(cfg["task"], STOCK_TASK, TASK_DATACLASS_REGISTRY)
+    criterion, criterion_drop = _as_stock(
+        cfg.get("criterion"), STOCK_CRITERION, CRITERION_DATACLASS_REGISTRY
+    )
     cfg["task"], cfg["criterion"] = task, criterion
     cfg["common"]["user_dir"] = None
     model = cfg.get("model")
