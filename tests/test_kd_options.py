@@ -1,9 +1,12 @@
 """Tests of word_kd's options: divergences, selective KD, schedules, validation."""
 
+import contextlib
 import math
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -14,6 +17,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.logging import metrics
 from fakes import FakeModel, FakeTask, make_dictionary, make_sample
+from torch.overrides import TorchFunctionMode
 
 from fairseq_kd import compat
 from fairseq_kd.criterions.word_kd import WordKDCriterion
@@ -728,9 +732,40 @@ class HostSync(AssertionError):
     """A value was read back to the host during the criterion's forward."""
 
 
-@pytest.fixture
-def no_host_sync(monkeypatch):
-    """Make every way of reading a tensor back to Python raise ``HostSync``.
+class _RefuseHostSync(TorchFunctionMode):
+    """Raise ``HostSync`` on every way of reading a tensor back to Python.
+
+    A torch function mode sees ``Tensor`` methods without changing the class:
+    patching ``torch.Tensor.__getitem__`` and undoing it leaves a generic
+    sequence slot on the class, after which ``torch.LongTensor`` of 0-d
+    tensors (fairseq's collater) fails with "len() of a 0-d tensor".
+    """
+
+    READ_BACK = {"item", "__int__", "__float__", "__bool__", "__index__", "tolist",
+                 "numpy", "nonzero", "masked_select"}  # fmt: skip
+
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if self.state["armed"]:
+            if name in self.READ_BACK:
+                raise HostSync(f"{name} during the forward pass")
+            if name == "__getitem__":
+                index = args[1]
+                parts = index if isinstance(index, tuple) else (index,)
+                if any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts
+                ):
+                    raise HostSync("boolean-mask indexing during the forward pass")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def refuse_host_sync():
+    """A context in which, once ``state["armed"]``, host reads raise ``HostSync``.
 
     ``.item()``, ``int()``, ``float()``, ``bool()`` (an ``if`` on a tensor),
     ``tolist``/``numpy``, ``nonzero`` and ``masked_select``, and indexing
@@ -738,34 +773,15 @@ def no_host_sync(monkeypatch):
     values on the host; on a GPU each of them waits for the device.
     """
     state = {"armed": False}
+    with _RefuseHostSync(state):
+        yield state
 
-    def refuse(name, original):
-        def wrapper(self, *args, **kwargs):
-            if state["armed"]:
-                raise HostSync(f"Tensor.{name} during the forward pass")
-            return original(self, *args, **kwargs)
 
-        return wrapper
-
-    for name in ("item", "__int__", "__float__", "__bool__", "__index__", "tolist",
-                 "numpy", "nonzero", "masked_select"):  # fmt: skip
-        monkeypatch.setattr(
-            torch.Tensor, name, refuse(name, getattr(torch.Tensor, name))
-        )
-    original_getitem = torch.Tensor.__getitem__
-
-    def getitem(self, index):
-        parts = index if isinstance(index, tuple) else (index,)
-        if state["armed"] and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts
-        ):
-            raise HostSync("boolean-mask indexing during the forward pass")
-        return original_getitem(self, index)
-
-    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
-    for name in ("nonzero", "masked_select"):
-        monkeypatch.setattr(torch, name, refuse(name, getattr(torch, name)))
-    return state
+@pytest.fixture
+def no_host_sync():
+    """The state of :func:`refuse_host_sync` for the test's duration."""
+    with refuse_host_sync() as state:
+        yield state
 
 
 @pytest.mark.parametrize("selection", ["batch", "global"])
@@ -831,6 +847,28 @@ def test_the_host_sync_check_has_teeth(no_host_sync):
         if x.sum() > 0:
             pass
     x[1:]  # slicing is fine
+
+
+def test_the_host_sync_check_leaves_torch_tensor_as_it_was(tmp_path):
+    # fairseq's collater builds torch.LongTensor from 0-d tensors: a patched
+    # and restored Tensor.__getitem__ broke it in every later test of the run
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(
+        "import torch\n"
+        "def test_probe():\n"
+        "    assert torch.LongTensor([torch.tensor(3)]).tolist() == [3]\n"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{here}/test_kd_options.py::test_the_host_sync_check_has_teeth",
+         str(probe)],  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=here,
+    )
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert "2 passed" in done.stdout
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 1 / 3, 0.7, 1.0])
