@@ -10,8 +10,9 @@ import sacrebleu
 from conftest import USER_DIR
 
 from fairseq_kd import distill
-from fairseq_kd.seqkd import filters, parts, selection
+from fairseq_kd.seqkd import filters, nbest_choice, parts
 from fairseq_kd.seqkd.filters import EMPTY, LENGTH_RATIO, REPEAT, FilterConfig
+from fairseq_kd.seqkd.merge import Selector
 from fairseq_kd.seqkd.parts import DistillError
 
 # ---------------------------------------------------------------- unit tests
@@ -31,6 +32,22 @@ REPEATS = [
 @pytest.mark.parametrize("tokens,n,expected", REPEATS)
 def test_longest_repeat(tokens, n, expected):
     assert filters.longest_repeat(tokens.split(), n) == expected
+
+
+def test_has_loop_agrees_with_longest_repeat():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        tokens = [
+            rng.choice("ab" if rng.random() < 0.5 else "abc")
+            for _ in range(rng.randrange(12))
+        ]
+        n, count = rng.randrange(1, 5), rng.randrange(1, 5)
+        expected = any(
+            filters.longest_repeat(tokens, m) >= count for m in range(1, n + 1)
+        )
+        assert filters.has_loop(tokens, n, count) == expected, (tokens, n, count)
 
 
 CFG = FilterConfig(
@@ -67,12 +84,12 @@ def test_degenerate_reason(hyp, src, expected):
     ],
 )
 def test_detokenize(line, scheme, expected):
-    assert selection.detokenize(line, scheme) == expected
+    assert nbest_choice.detokenize(line, scheme) == expected
 
 
 def test_detokenize_names_the_option():
     with pytest.raises(ValueError, match="--post-process"):
-        selection.detokenize("a", "bpe")
+        nbest_choice.detokenize("a", "bpe")
 
 
 def test_select_bleu_and_chrf_pick_the_argmax():
@@ -83,19 +100,19 @@ def test_select_bleu_and_chrf_pick_the_argmax():
         "\u2581a \u2581small \u2581dog \u2581runs \u2581on \u2581the \u2581grass",
         "\u2581a \u2581small \u2581dog \u2581runs \u2581on \u2581the \u2581grass",
     ]
-    detok = [selection.detokenize(h, "sentencepiece") for h in nbest]
-    ref_d = selection.detokenize(ref, "sentencepiece")
+    detok = [nbest_choice.detokenize(h, "sentencepiece") for h in nbest]
+    ref_d = nbest_choice.detokenize(ref, "sentencepiece")
     bleu = [sacrebleu.sentence_bleu(h, [ref_d]).score for h in detok]
     chrf = [sacrebleu.sentence_chrf(h, [ref_d]).score for h in detok]
-    assert selection.select(nbest, ref, "top", "sentencepiece") == 0
+    assert nbest_choice.choose_index(nbest, ref, "top", "sentencepiece") == 0
     # ties (candidates 2 and 3) go to the teacher's better-ranked one
-    assert selection.select(nbest, ref, "bleu", "sentencepiece") == bleu.index(
+    assert nbest_choice.choose_index(nbest, ref, "bleu", "sentencepiece") == bleu.index(
         max(bleu)
     )
-    assert selection.select(nbest, ref, "chrf", "sentencepiece") == chrf.index(
+    assert nbest_choice.choose_index(nbest, ref, "chrf", "sentencepiece") == chrf.index(
         max(chrf)
     )
-    assert selection.select(nbest, ref, "bleu", "sentencepiece") == 2
+    assert nbest_choice.choose_index(nbest, ref, "bleu", "sentencepiece") == 2
 
 
 @pytest.mark.parametrize("n,size,shards", [(10, 3, 1), (10, 3, 2), (7, 10, 3)])
@@ -141,9 +158,12 @@ def _args(**kw):
         repeat_count=3,
     )
     base.update(kw)
-    return distill.get_parser().parse_args(
+    return distill.parse_args(
         ["data", "--path", "x", "--output", "o"]
-        + [f"--{k.replace('_', '-')}={v}" for k, v in base.items()]
+        + [
+            f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
+            for k, v in base.items()
+        ]
     )
 
 
@@ -167,26 +187,61 @@ def _records():
     return records, [reason for _, reason in hyps] + [distill.TOO_LONG]
 
 
+def choose_all(records, args):
+    """The streaming selector over ``records``: ``(pairs, summary)``."""
+    sel = Selector(
+        args.select,
+        args.post_process,
+        FilterConfig(**{k: getattr(args, k) for k in vars(FilterConfig())}),
+        args.on_degenerate,
+        args.nbest_stats,
+        args.min_score,
+    )
+    pairs = []
+    for rec in records:
+        tgt = sel.target(rec)
+        if tgt is not None:
+            pairs.append((rec["id"], rec["src"], tgt))
+    return pairs, sel.summary()
+
+
 @pytest.mark.parametrize("policy", ["drop", "reference"])
 def test_filter_counts_and_policies(policy):
     records, reasons = _records()
-    out = distill.choose(
-        records,
-        _args(on_degenerate=policy),
-        FilterConfig(**{k: getattr(_args(), k) for k in vars(FilterConfig())}),
-    )
-    expected = {name: reasons.count(name) for name in out["counts"]}
-    assert out["counts"] == expected
+    pairs, out = choose_all(records, _args(on_degenerate=policy))
+    expected = {name: reasons.count(name) for name in out["filtered"]}
+    assert out["filtered"] == expected
     bad = [i for i, r in enumerate(reasons) if r is not None]
     good = [i for i, r in enumerate(reasons) if r is None]
     if policy == "drop":
-        assert [p[0] for p in out["pairs"]] == good
+        assert [p[0] for p in pairs] == good
         assert out["dropped"] == len(bad) and out["replaced"] == 0
     else:
-        assert [p[0] for p in out["pairs"]] == list(range(len(records)))
-        for i, _, tgt in out["pairs"]:
+        assert [p[0] for p in pairs] == list(range(len(records)))
+        for i, _, tgt in pairs:
             assert tgt == (records[i]["ref"] if i in bad else records[i]["nbest"][0])
         assert out["replaced"] == len(bad) and out["dropped"] == 0
+
+
+def test_top_computes_no_sentence_bleu_unless_asked():
+    records, _ = _records()
+    _, quiet = choose_all(records, _args())
+    assert quiet["mean_sentence_bleu_chosen"] is None
+    assert quiet["corpus_bleu_chosen"] is None
+    _, stats = choose_all(records, _args(nbest_stats=True))
+    # --select top: the chosen hypothesis is the teacher's best
+    assert stats["mean_sentence_bleu_chosen"] == stats["mean_sentence_bleu_top"]
+    assert stats["mean_sentence_bleu_chosen"] is not None
+
+
+def test_streamed_corpus_bleu_equals_sacrebleu():
+    records, _ = _records()
+    _, out = choose_all(records, _args(nbest_stats=True))
+    hyps = [r["nbest"][0] for r in records if r["nbest"]]
+    refs = [r["ref"] for r in records if r["nbest"]]
+    assert out["corpus_bleu_chosen"] == round(
+        sacrebleu.corpus_bleu(hyps, [refs]).score, 2
+    )
 
 
 # ------------------------------------------------------- end-to-end helpers
@@ -224,7 +279,7 @@ def translate_alone(data_bin, teacher, source_file, nbest):
 
 
 def run_distill(data_bin, teacher, out, *extra):
-    args = distill.get_parser().parse_args(
+    args = distill.parse_args(
         [data_bin, "--path", teacher, "--output", str(out), "--cpu"]
         + ["--no-progress-bar", "--beam", "5"]
         + [str(x) for x in extra]
@@ -314,7 +369,7 @@ def test_select_bleu_is_the_sentence_bleu_argmax(
     no_filter = ["--repeat-ngram", "0", "--min-len-ratio", "0", "--max-len-ratio", 99]
     summary = run_distill(
         data_bin, teacher, out, "--gen-subset", "valid", "--nbest", 5,
-        "--select", "bleu", *no_filter,
+        "--select", "bleu", "--nbest-stats", *no_filter,
     )  # fmt: skip
     chosen = read_lines(out / "valid.tgt")
     n_not_top = 0

@@ -1,3 +1,12 @@
 """Building sequence-level KD corpora: filters, selection, part files, engines."""
 
-from fairseq_kd.seqkd import filters, parts, selection  # noqa: F401
+from fairseq_kd.seqkd import (  # noqa: F401
+    batching,
+    engines,
+    filters,
+    inputs,
+    merge,
+    nbest_choice,
+    parts,
+    writer,
+)

@@ -1,27 +1,31 @@
-"""Batches of corpus ids for the translation engines, every sentence kept."""
+"""Batches of sentences for the translation engines, every sentence kept."""
 
 import numpy as np
 
 
-def batches_of(dataset, ids, max_tokens, batch_size):
-    """Group ``ids`` (sorted by source length) into batches by size.
+def length_batches(lengths, max_tokens, batch_size):
+    """Positions of sentences grouped into batches of similar source length.
 
-    No ``required_batch_size_multiple`` is passed: ve-fairseq 0.12.3 drops the
-    final partial batch when it is above 1.
+    Sentences are sorted by length (stable) and cut by fairseq's
+    ``batch_by_size``. No ``required_batch_size_multiple`` is passed:
+    ve-fairseq 0.12.3 drops the final partial batch when it is above 1.
 
     Args:
-        dataset: the ``LanguagePairDataset``.
-        ids: corpus ids.
+        lengths: source lengths in tokens (with ``</s>``), one per sentence.
         max_tokens: token budget per batch (or None).
         batch_size: sentences per batch (or None).
+
+    Returns:
+        A list of integer arrays of positions into ``lengths``.
     """
     from fairseq.data import data_utils
 
-    ids = np.asarray(ids, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable").astype(np.int64)
     return data_utils.batch_by_size(
-        ids,
-        dataset.num_tokens,
-        num_tokens_vec=dataset.src_sizes[ids].astype(np.int64),
+        order,
+        lambda i: lengths[i],
+        num_tokens_vec=lengths[order],
         max_tokens=max_tokens,
         max_sentences=batch_size,
     )

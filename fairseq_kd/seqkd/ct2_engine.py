@@ -3,11 +3,13 @@
 import logging
 import os
 import shutil
-from typing import Dict, List
+from typing import List
 
+import numpy as np
 import torch
 
-from fairseq_kd.seqkd.batching import batches_of
+from fairseq_kd.seqkd.batching import length_batches
+from fairseq_kd.seqkd.engines import Engine, token_string
 from fairseq_kd.seqkd.parts import DistillError
 
 logger = logging.getLogger(__name__)
@@ -103,18 +105,19 @@ def convert_fairseq(
         convert(unsafe=True)
 
 
-class CTranslate2Engine:
+class CTranslate2Engine(Engine):
     """Beam search with CTranslate2 on the teacher (one model, no ensemble).
 
     Args:
         args: the ``fairseq-kd-distill`` options.
-        task: the translation task (dictionaries, dataset).
+        task: the translation task (dictionaries).
         work_dir: the run's work folder (holds the converted model).
     """
 
     name = "ctranslate2"
 
     def __init__(self, args, task, work_dir):
+        super().__init__(args, task, work_dir)
         try:
             import ctranslate2
         except ImportError as e:
@@ -124,6 +127,12 @@ class CTranslate2Engine:
             ) from e
         from fairseq_kd.checkpoints import load_checkpoint, split_checkpoint_paths
 
+        unsupported = unsupported_generation_options(args)
+        if unsupported:
+            raise DistillError(
+                "--engine ctranslate2 supports --beam, --nbest, --lenpen and "
+                f"--max-len-a/b only; use --engine fairseq for {', '.join(unsupported)}"
+            )
         paths = split_checkpoint_paths(args.path)
         if len(paths) != 1:
             raise DistillError(
@@ -135,7 +144,6 @@ class CTranslate2Engine:
         self.max_source_positions = getattr(model_cfg, "max_source_positions", 1024)
         self.max_target_positions = getattr(model_cfg, "max_target_positions", 1024)
         del state
-        self.args, self.task = args, task
         model_dir = convert_teacher(
             paths[0], args.data, args.source_lang, args.target_lang, work_dir
         )
@@ -150,27 +158,18 @@ class CTranslate2Engine:
             inter_threads=1,
             intra_threads=args.threads,
         )
+        self.src_dict = task.source_dictionary
 
-    def too_long(self, src_len: int) -> bool:
-        """Whether a source of ``src_len`` tokens exceeds the teacher's positions."""
-        return src_len > self.max_source_positions
-
-    def translate(self, dataset, ids: List[int]) -> Dict[int, List]:
-        """n-best ``(subword string, score)`` lists of the sentences ``ids``.
-
-        Args:
-            dataset: the ``LanguagePairDataset``.
-            ids: corpus ids, already sorted by source length.
-        """
-
-        src_dict = self.task.source_dictionary
-        batches = batches_of(dataset, ids, self.args.max_tokens, self.args.batch_size)
-        out = {}
-        for batch in batches:
-            batch = [int(i) for i in batch]
-            tokens = [src_dict.string(dataset.src[i]).split() for i in batch]
+    def translate(self, sources):
+        lengths = np.array([len(s) for s in sources], dtype=np.int64)
+        out: List = [None] * len(sources)
+        for batch in length_batches(
+            lengths, self.args.max_tokens, self.args.batch_size
+        ):
+            batch = batch.tolist()
+            tokens = [token_string(self.src_dict, sources[j]).split() for j in batch]
             # fairseq's limit a * len + b counts the source with its </s>
-            longest = max(len(t) + 1 for t in tokens)
+            longest = int(lengths[batch].max())
             max_len = int(self.args.max_len_a * longest + self.args.max_len_b)
             results = self.translator.translate_batch(
                 tokens,
@@ -181,9 +180,31 @@ class CTranslate2Engine:
                 min_decoding_length=1,
                 return_scores=True,
             )
-            for i, res in zip(batch, results):
-                out[i] = [
+            for j, res in zip(batch, results):
+                out[j] = [
                     (" ".join(hyp), float(score))
                     for hyp, score in zip(res.hypotheses, res.scores)
                 ]
         return out
+
+
+#: generation options CTranslate2's ``translate_batch`` is given
+CT2_OPTIONS = ("beam", "nbest", "lenpen", "max_len_a", "max_len_b")
+
+
+def unsupported_generation_options(args) -> List[str]:
+    """fairseq generation options set away from their defaults that CTranslate2 ignores.
+
+    Args:
+        args: the ``fairseq-kd-distill`` options (fairseq's generation group).
+    """
+    from fairseq.dataclass.configs import GenerationConfig
+
+    defaults = GenerationConfig()
+    out = []
+    for name in ("min_len", "unkpen", "no_repeat_ngram_size", "sampling",
+                 "temperature", "diverse_beam_groups", "match_source_len",
+                 "unnormalized", "prefix_size"):  # fmt: skip
+        if hasattr(args, name) and getattr(args, name) != getattr(defaults, name):
+            out.append("--" + name.replace("_", "-"))
+    return out

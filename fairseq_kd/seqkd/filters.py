@@ -58,12 +58,31 @@ def longest_repeat(tokens: Sequence[str], n: int) -> int:
 def has_loop(tokens: Sequence[str], max_n: int, count: int) -> bool:
     """Whether any n-gram (``1 <= n <= max_n``) repeats ``count`` times in a row.
 
+    The same answer as ``longest_repeat(tokens, n) >= count`` for some ``n``,
+    found in one pass per ``n``: ``count`` copies of an ``n``-gram are a run of
+    ``(count - 1) * n`` positions where a token equals the one ``n`` after it.
+
     Args:
         tokens: the token sequence.
         max_n: longest n-gram size checked.
         count: number of consecutive copies that makes a loop.
     """
-    return any(longest_repeat(tokens, n) >= count for n in range(1, max_n + 1))
+    length = len(tokens)
+    for n in range(1, max_n + 1):
+        need = (count - 1) * n
+        if length < need + n:
+            continue
+        if need <= 0:
+            return True
+        run = 0
+        for i in range(length - n):
+            if tokens[i] == tokens[i + n]:
+                run += 1
+                if run >= need:
+                    return True
+            else:
+                run = 0
+    return False
 
 
 def degenerate_reason(

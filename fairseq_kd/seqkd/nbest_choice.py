@@ -1,12 +1,13 @@
-"""Choosing one hypothesis among a teacher's n-best (top, or Seq-Inter)."""
+"""Choosing one hypothesis among a teacher's n-best (``--select`` top or Seq-Inter)."""
 
 import functools
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import sacrebleu
 
 POST_PROCESS = ("sentencepiece", "subword_nmt", "none")
-SELECT = ("top", "bleu", "chrf")
+#: the ``--select`` methods
+METHODS = ("top", "bleu", "chrf")
 
 
 def detokenize(line: str, post_process: str) -> str:
@@ -71,7 +72,9 @@ def best_index(scores: Sequence[float]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
-def select(nbest: Sequence[str], ref: str, method: str, post_process: str) -> int:
+def choose_index(
+    nbest: Sequence[str], ref: Optional[str], method: str, post_process: str
+) -> int:
     """Index of the chosen hypothesis among ``nbest``.
 
     ``top`` keeps the teacher's best (index 0); ``bleu``/``chrf`` (Seq-Inter)
@@ -81,11 +84,13 @@ def select(nbest: Sequence[str], ref: str, method: str, post_process: str) -> in
     Args:
         nbest: subword hypotheses, best first.
         ref: the subword reference.
-        method: one of ``SELECT``.
+        method: one of ``METHODS``.
         post_process: how to detokenise before scoring.
     """
-    if method not in SELECT:
-        raise ValueError(f"--select must be one of {', '.join(SELECT)}, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(
+            f"--select must be one of {', '.join(METHODS)}, got {method!r}"
+        )
     if method == "top" or len(nbest) <= 1:
         return 0
     return best_index(candidate_scores(nbest, ref, method, post_process))

@@ -1,0 +1,301 @@
+"""A distillation run: check options, translate this shard's chunks, then merge."""
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from fairseq_kd.seqkd import filters, parts
+from fairseq_kd.seqkd.engines import build_engine
+from fairseq_kd.seqkd.inputs import open_corpus
+from fairseq_kd.seqkd.merge import TOO_LONG, MergeLock, merge
+from fairseq_kd.seqkd.parts import DistillError
+
+logger = logging.getLogger("fairseq_kd.distill")
+
+#: test hook: stop after writing this many chunks: ``N`` exits with status 3,
+#: ``N:kill`` sends the process SIGKILL (as ``kill -9`` would)
+ABORT_ENV = "FAIRSEQ_KD_DISTILL_ABORT_AFTER_CHUNKS"
+
+
+def filter_config(args) -> filters.FilterConfig:
+    """The degenerate-output bounds given on the command line."""
+    return filters.FilterConfig(
+        min_len_ratio=args.min_len_ratio,
+        max_len_ratio=args.max_len_ratio,
+        ratio_min_tokens=args.ratio_min_tokens,
+        repeat_ngram=args.repeat_ngram,
+        repeat_count=args.repeat_count,
+    )
+
+
+def check_options(args):
+    """Fail early, naming the option, on inconsistent settings.
+
+    Args:
+        args: the ``fairseq-kd-distill`` options (completed in place:
+            ``--max-tokens`` defaults to 4096 when no batch size is given).
+    """
+    if args.engine != "fake" and not args.path:
+        raise DistillError("--path: give the teacher checkpoint(s)")
+    if args.nbest < 1 or args.beam < args.nbest:
+        raise DistillError(
+            f"--nbest must be in [1, --beam]; got --nbest {args.nbest} "
+            f"with --beam {args.beam}"
+        )
+    if args.select != "top" and args.nbest < 2:
+        raise DistillError(
+            f"--select {args.select} chooses among the n-best: "
+            "use --nbest 5 (and --beam >= 5) for Seq-Inter"
+        )
+    if args.post_process not in (None,) + ("sentencepiece", "subword_nmt", "none"):
+        raise DistillError(
+            "--post-process must be sentencepiece, subword_nmt or none for "
+            f"fairseq-kd-distill, got {args.post_process!r}"
+        )
+    if args.fp16 and (args.cpu or not torch.cuda.is_available()):
+        raise DistillError("--fp16 needs a GPU (drop --cpu, or drop --fp16)")
+    if args.max_tokens is None and args.batch_size is None:
+        args.max_tokens = 4096
+    if args.merge and args.num_shards != 1:
+        raise DistillError("--merge merges all shards: do not combine it with shards")
+    if args.source_text and args.source_bin:
+        raise DistillError("give --source-text or --source-bin, not both")
+    if (args.spm_model or args.bpe_codes) and not args.source_text:
+        raise DistillError("--spm-model/--bpe-codes encode --source-text input only")
+    if args.min_score is not None and args.score_keep_fraction is not None:
+        raise DistillError("give --min-score or --score-keep-fraction, not both")
+    if args.score_keep_fraction is not None and not 0 < args.score_keep_fraction <= 1:
+        raise DistillError(
+            f"--score-keep-fraction must be in (0, 1], got {args.score_keep_fraction}"
+        )
+    parts.shard_chunks(1, args.num_shards, args.shard_id)  # validates the pair
+
+
+def setup_task(args):
+    """The translation task over ``args.data``: the teacher's dictionaries."""
+    from fairseq.data import data_utils
+    from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+    src, tgt = args.source_lang, args.target_lang
+    if src is None or tgt is None:
+        src, tgt = data_utils.infer_language_pair(args.data)
+        if src is None:
+            raise DistillError(
+                f"cannot infer the language pair from {args.data}: "
+                "give --source-lang and --target-lang"
+            )
+    args.source_lang, args.target_lang = src, tgt
+    cfg = TranslationConfig(
+        data=args.data,
+        source_lang=src,
+        target_lang=tgt,
+        # fields that fairseq fills from its global config ("II"):
+        train_subset=args.gen_subset,
+        dataset_impl=None,  # inferred from the files
+        required_seq_len_multiple=1,
+    )
+    return TranslationTask.setup_task(cfg)
+
+
+def teacher_fingerprint(args) -> List[Dict]:
+    """Identify teacher checkpoints by absolute path, size and modification time."""
+    from fairseq_kd.checkpoints import split_checkpoint_paths
+
+    if args.engine == "fake":
+        return [{"path": "fake"}]
+    out = []
+    for path in split_checkpoint_paths(args.path):
+        if not os.path.isfile(path):
+            raise DistillError(f"--path: teacher checkpoint not found: {path}")
+        st = os.stat(path)
+        out.append(
+            {"path": os.path.abspath(path), "bytes": st.st_size, "mtime": st.st_mtime}
+        )
+    return out
+
+
+#: fairseq generation options recorded by name in the run config (older keys)
+RECORDED = ("beam", "nbest", "max_len_a", "max_len_b", "lenpen")
+
+
+def other_generation_options(args) -> Optional[Dict]:
+    """fairseq generation options away from their defaults, besides ``RECORDED``."""
+    from fairseq.dataclass.configs import GenerationConfig
+
+    defaults = GenerationConfig()
+    out = {}
+    for name in GenerationConfig.__dataclass_fields__:
+        if name in RECORDED or not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if value != getattr(defaults, name) and isinstance(
+            value, (int, float, str, bool, type(None))
+        ):
+            out[name] = value
+    return out or None
+
+
+def run_config(args, corpus) -> Dict:
+    """The settings that determine the teacher's outputs (recorded in the work dir)."""
+    return {
+        "data": os.path.abspath(args.data),
+        "split": args.gen_subset,
+        "langs": [args.source_lang, args.target_lang],
+        "sentences": len(corpus),
+        "input": corpus.describe(),
+        "teachers": teacher_fingerprint(args),
+        "engine": args.engine,
+        "beam": args.beam,
+        "nbest": args.nbest,
+        "max_len_a": args.max_len_a,
+        "max_len_b": args.max_len_b,
+        "lenpen": args.lenpen,
+        "generation": other_generation_options(args),
+        "fp16": args.fp16,
+        "ct2_compute_type": (
+            args.ct2_compute_type if args.engine == "ctranslate2" else None
+        ),
+        "chunk_size": args.chunk_size,
+    }
+
+
+def _abort_hook():
+    value = os.environ.get(ABORT_ENV, "") or "0"
+    count, _, mode = value.partition(":")
+    return int(count), mode
+
+
+def translate_chunks(args, task, corpus, work_dir):
+    """Translate this shard's unfinished chunks into part files.
+
+    Each record holds the sentence's id, subword source and reference (joined
+    once from the token ids), the CRC-32 of its source (``src_crc``, checked
+    at merge time), and the n-best hypotheses and scores.
+
+    Returns:
+        ``(chunks written, sentences translated, seconds)`` of this process.
+    """
+    from tqdm import tqdm
+
+    ranges = parts.chunk_ranges(len(corpus), args.chunk_size)
+    mine = parts.shard_chunks(len(ranges), args.num_shards, args.shard_id)
+    todo = [k for k in mine if not os.path.exists(parts.part_path(work_dir, k))]
+    done_sents = sum(len(ranges[k]) for k in mine if k not in todo)
+    if len(todo) < len(mine):
+        logger.info(
+            f"resuming: {len(mine) - len(todo)} of this shard's {len(mine)} chunks "
+            f"({done_sents} sentences) are already done in {work_dir}"
+        )
+    if not todo:
+        return 0, 0, 0.0
+    engine = build_engine(args, task, work_dir)
+    abort_after, abort_mode = _abort_hook()
+    bar = tqdm(
+        total=sum(len(ranges[k]) for k in mine),
+        initial=done_sents,
+        unit="sent",
+        desc=f"distill {args.gen_subset} shard {args.shard_id}/{args.num_shards}",
+        disable=args.no_progress_bar,
+        mininterval=1.0,
+        smoothing=0.1,
+    )
+    start, written, sentences = time.time(), 0, 0
+    for k in todo:
+        t0 = time.time()
+        ids = ranges[k]
+        chunk = corpus.chunk(ids)
+        fits = [j for j, s in enumerate(chunk.src_ids) if not engine.too_long(len(s))]
+        t1 = time.time()
+        nbest = engine.translate([chunk.src_ids[j] for j in fits]) if fits else []
+        engine_seconds = time.time() - t1
+        by_pos = dict(zip(fits, nbest))
+        records = []
+        for j, i in enumerate(ids):
+            hyps = by_pos.get(j)
+            rec = {
+                "id": i,
+                "src": chunk.src[j],
+                "src_crc": chunk.fingerprints[j],
+                "ref": chunk.ref[j] if chunk.ref is not None else None,
+                "nbest": [h for h, _ in hyps] if hyps is not None else [],
+                "scores": [round(s, 4) for _, s in hyps] if hyps is not None else [],
+            }
+            if hyps is None:
+                rec["skipped"] = TOO_LONG
+            records.append(rec)
+        meta = {
+            "seconds": round(time.time() - t0, 3),
+            "engine_seconds": round(engine_seconds, 3),
+            "engine": engine.name,
+        }
+        parts.write_part(work_dir, k, ids, records, meta)
+        written += 1
+        sentences += len(ids)
+        bar.update(len(ids))
+        if abort_after and written >= abort_after:
+            bar.close()
+            logger.error(f"{ABORT_ENV}={abort_after}: aborting after {written} chunks")
+            if abort_mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            sys.exit(3)
+    bar.close()
+    return written, sentences, time.time() - start
+
+
+def log_summary(summary: Dict):
+    """Log the summary of a finished run, one fact per line."""
+    lines = [
+        f"sentences: {summary['sentences']} in, {summary['output_pairs']} out "
+        f"({summary['dropped']} dropped, {summary['replaced']} replaced by the "
+        "reference)",
+        f"tokens written: {summary['source_tokens']} source, "
+        f"{summary['target_tokens']} target",
+        f"generation: {summary['generation_seconds']} s, "
+        f"{summary['sentences_per_second']} sentences/s",
+        "filtered: " + ", ".join(f"{k} {v}" for k, v in summary["filtered"].items()),
+        f"select {summary['select']}: {summary['not_top']} not the teacher's best; "
+        f"mean sentence-BLEU chosen {summary['mean_sentence_bleu_chosen']} "
+        f"(teacher's best {summary['mean_sentence_bleu_top']}), corpus BLEU "
+        f"{summary['corpus_bleu_chosen']}",
+    ]
+    for line in lines:
+        logger.info(line)
+
+
+def distill(args) -> Optional[Dict]:
+    """Run (a shard of) a distillation, and merge when every chunk is done.
+
+    Args:
+        args: parsed ``fairseq-kd-distill`` options.
+
+    Returns:
+        The summary when this process merged, else None.
+    """
+    check_options(args)
+    task = setup_task(args)
+    corpus = open_corpus(args, task, args.chunk_size)
+    work_dir = args.work_dir or os.path.join(args.output, "work")
+    parts.check_config(work_dir, run_config(args, corpus))
+    gen_stats = (0, 0, 0.0)
+    if not args.merge:
+        gen_stats = translate_chunks(args, task, corpus, work_dir)
+    n_chunks = len(parts.chunk_ranges(len(corpus), args.chunk_size))
+    if not args.merge and len(parts.finished_chunks(work_dir, n_chunks)) < n_chunks:
+        logger.info(
+            f"shard {args.shard_id} done; other shards are still missing chunks: "
+            "the last shard to finish merges (or run with --merge)"
+        )
+        return None
+    with MergeLock(os.path.join(work_dir, "merge.lock")) as lock:
+        if not lock.held:
+            logger.info("another process is merging this run")
+            return None
+        summary = merge(args, task, corpus, work_dir, gen_stats, filter_config(args))
+    log_summary(summary)
+    logger.info(f"wrote {args.output} ({args.gen_subset}.summary.json)")
+    return summary
