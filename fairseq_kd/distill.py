@@ -124,6 +124,24 @@ def add_distill_args(parser):
         help="filter by teacher score, keeping this fraction (0..1] of the "
         "translated sentences (threshold from a first pass over the scores)",
     )  # fmt: skip
+    g.add_argument(
+        "--backward-path",
+        metavar="CKPT",
+        help="a target->source model (DATA's dictionaries reversed; several: "
+        "CKPT1:CKPT2, averaged) that scores each chosen pair by forced decoding: "
+        "its length-normalised log-probability of the source given the hypothesis",
+    )
+    g.add_argument(
+        "--min-backward-score",
+        type=float,
+        help="filter a chosen hypothesis whose backward score is below this",
+    )
+    g.add_argument(
+        "--backward-keep-fraction",
+        type=float,
+        help="filter by backward score, keeping this fraction (0..1] of the "
+        "translated sentences",
+    )
 
     g = parser.add_argument_group("long runs")
     g.add_argument(

@@ -1,6 +1,7 @@
 """Building sequence-level KD corpora: filters, selection, part files, engines."""
 
 from fairseq_kd.seqkd import (  # noqa: F401
+    backward,
     batching,
     engines,
     filters,

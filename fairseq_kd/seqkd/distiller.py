@@ -9,10 +9,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from fairseq_kd.seqkd import filters, parts
+from fairseq_kd.seqkd import backward, filters, parts
 from fairseq_kd.seqkd.engines import build_engine
 from fairseq_kd.seqkd.inputs import open_corpus
-from fairseq_kd.seqkd.merge import TOO_LONG, MergeLock, merge
+from fairseq_kd.seqkd.merge import TOO_LONG, MergeLock, Selector, merge
 from fairseq_kd.seqkd.parts import DistillError
 
 logger = logging.getLogger("fairseq_kd.distill")
@@ -72,6 +72,26 @@ def check_options(args):
     if args.score_keep_fraction is not None and not 0 < args.score_keep_fraction <= 1:
         raise DistillError(
             f"--score-keep-fraction must be in (0, 1], got {args.score_keep_fraction}"
+        )
+    bwd = (args.min_backward_score, args.backward_keep_fraction)
+    if args.backward_path and bwd == (None, None):
+        raise DistillError(
+            "--backward-path: give --min-backward-score or --backward-keep-fraction"
+        )
+    if not args.backward_path and bwd != (None, None):
+        raise DistillError(
+            "--min-backward-score/--backward-keep-fraction need --backward-path"
+        )
+    if None not in bwd:
+        raise DistillError(
+            "give --min-backward-score or --backward-keep-fraction, not both"
+        )
+    if args.backward_keep_fraction is not None and not (
+        0 < args.backward_keep_fraction <= 1
+    ):
+        raise DistillError(
+            "--backward-keep-fraction must be in (0, 1], got "
+            f"{args.backward_keep_fraction}"
         )
     parts.shard_chunks(1, args.num_shards, args.shard_id)  # validates the pair
 
@@ -247,6 +267,48 @@ def translate_chunks(args, task, corpus, work_dir):
     return written, sentences, time.time() - start
 
 
+class BackwardStep:
+    """The backward-score side files of a run (``--backward-path``).
+
+    The model is loaded (and its dictionaries checked) when the run starts,
+    on the CPU; it moves to the GPU the first time it scores.
+
+    Args:
+        args: the ``fairseq-kd-distill`` options.
+        task: the translation task (source -> target dictionaries).
+        work_dir: the run's work folder.
+    """
+
+    def __init__(self, args, task, work_dir):
+        self.args, self.work_dir = args, work_dir
+        self.folder = backward.side_dir(args, work_dir)
+        self.scorer = backward.BackwardScorer(
+            args.backward_path,
+            task,
+            args.max_tokens,
+            args.batch_size,
+            cpu=args.cpu,
+            fp16=args.fp16,
+        )
+        post = args.post_process or "none"
+        # the same choice as the merge's; no statistics
+        self.selector = Selector(
+            args.select, post, filter_config(args), args.on_degenerate, False
+        )
+
+    def score(self, ranges, chunks) -> int:
+        """Score the chunks of ``chunks`` that have no backward scores yet."""
+        return backward.score_chunks(
+            self.args,
+            self.work_dir,
+            self.folder,
+            ranges,
+            chunks,
+            self.selector,
+            lambda: self.scorer,
+        )
+
+
 def log_summary(summary: Dict):
     """Log the summary of a finished run, one fact per line."""
     lines = [
@@ -281,10 +343,16 @@ def distill(args) -> Optional[Dict]:
     corpus = open_corpus(args, task, args.chunk_size)
     work_dir = args.work_dir or os.path.join(args.output, "work")
     parts.check_config(work_dir, run_config(args, corpus))
+    bwd = BackwardStep(args, task, work_dir) if args.backward_path else None
+    ranges = parts.chunk_ranges(len(corpus), args.chunk_size)
+    n_chunks = len(ranges)
     gen_stats = (0, 0, 0.0)
     if not args.merge:
         gen_stats = translate_chunks(args, task, corpus, work_dir)
-    n_chunks = len(parts.chunk_ranges(len(corpus), args.chunk_size))
+        if bwd is not None:  # this shard's chunks, beside its other shards
+            bwd.score(
+                ranges, parts.shard_chunks(n_chunks, args.num_shards, args.shard_id)
+            )
     if not args.merge and len(parts.finished_chunks(work_dir, n_chunks)) < n_chunks:
         logger.info(
             f"shard {args.shard_id} done; other shards are still missing chunks: "
@@ -295,7 +363,17 @@ def distill(args) -> Optional[Dict]:
         if not lock.held:
             logger.info("another process is merging this run")
             return None
-        summary = merge(args, task, corpus, work_dir, gen_stats, filter_config(args))
+        if bwd is not None:  # whatever no shard scored yet
+            bwd.score(ranges, range(n_chunks))
+        summary = merge(
+            args,
+            task,
+            corpus,
+            work_dir,
+            gen_stats,
+            filter_config(args),
+            bwd.folder if bwd is not None else None,
+        )
     log_summary(summary)
     logger.info(f"wrote {args.output} ({args.gen_subset}.summary.json)")
     return summary

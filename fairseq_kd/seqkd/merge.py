@@ -10,7 +10,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from fairseq_kd.seqkd import filters, nbest_choice, parts
+from fairseq_kd.seqkd import backward, filters, nbest_choice, parts
 from fairseq_kd.seqkd.parts import DistillError
 from fairseq_kd.seqkd.writer import CorpusWriter
 
@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 DROP, REFERENCE = "drop", "reference"
 TOO_LONG = "too_long"  # source longer than the teacher accepts: never translated
 SCORE = "score"  # the teacher's score of the chosen hypothesis is below the threshold
+#: the backward model's score of the pair is below its threshold (or none)
+BACKWARD_SCORE = "backward_score"
 #: every reason a pair is filtered, in the order they are tried
-REASONS = (TOO_LONG,) + filters.FILTERS + (SCORE,)
+REASONS = (TOO_LONG,) + filters.FILTERS + (SCORE, BACKWARD_SCORE)
 
 
 class CorpusBleu:
@@ -57,14 +59,23 @@ class Selector:
             (always with ``--select bleu``/``chrf``).
         min_score: drop (or replace) a chosen hypothesis whose teacher score is
             below this (None: no score filter).
+        min_backward: drop (or replace) a chosen hypothesis whose backward
+            score (see :meth:`target`) is below this, or None (no such filter).
     """
 
     def __init__(
-        self, method, post_process, fcfg, on_degenerate, nbest_stats, min_score=None
+        self,
+        method,
+        post_process,
+        fcfg,
+        on_degenerate,
+        nbest_stats,
+        min_score=None,
+        min_backward=None,
     ):
         self.method, self.post, self.fcfg = method, post_process, fcfg
         self.on_degenerate, self.nbest_stats = on_degenerate, nbest_stats
-        self.min_score = min_score
+        self.min_score, self.min_backward = min_score, min_backward
         self.counts = {name: 0 for name in REASONS}
         self.dropped = self.replaced = self.not_top = 0
         self.bleu_chosen_sum = self.bleu_top_sum = 0.0
@@ -95,12 +106,17 @@ class Selector:
         self.bleu_top_sum += top
         self.bleu_n += 1
 
-    def target(self, rec: Dict, idx: Optional[int] = None) -> Optional[str]:
+    def target(
+        self, rec: Dict, idx: Optional[int] = None, backward: Optional[float] = None
+    ) -> Optional[str]:
         """The target line of one record, or None when the pair is dropped.
 
         Args:
             rec: a part-file record (``src``, ``ref``, ``nbest``, ``scores``).
             idx: the chosen index when already known (see :meth:`choose`).
+            backward: the backward model's score of the chosen pair, with
+                ``min_backward`` set (None there: the pair could not be
+                scored, and is filtered).
         """
         ref, nbest = rec["ref"], rec["nbest"]
         if not nbest:
@@ -124,6 +140,12 @@ class Selector:
                 and rec["scores"][idx] < self.min_score
             ):
                 reason = SCORE
+            if (
+                reason is None
+                and self.min_backward is not None
+                and (backward is None or backward < self.min_backward)
+            ):
+                reason = BACKWARD_SCORE
         if reason is not None:
             self.counts[reason] += 1
             if self.on_degenerate == DROP or ref is None:
@@ -148,7 +170,9 @@ class Selector:
         }
 
 
-def score_threshold(scores: np.ndarray, keep_fraction: float) -> float:
+def score_threshold(
+    scores: np.ndarray, keep_fraction: float, option="--score-keep-fraction"
+) -> float:
     """The lowest score kept when keeping the best ``keep_fraction`` of ``scores``.
 
     The threshold is the ``ceil(keep_fraction * n)``-th highest score; every
@@ -157,15 +181,43 @@ def score_threshold(scores: np.ndarray, keep_fraction: float) -> float:
     Args:
         scores: one score per translated sentence.
         keep_fraction: in ``(0, 1]``.
+        option: the option that gave ``keep_fraction`` (for the message).
     """
     if not 0 < keep_fraction <= 1:
-        raise DistillError(
-            f"--score-keep-fraction must be in (0, 1], got {keep_fraction}"
-        )
+        raise DistillError(f"{option} must be in (0, 1], got {keep_fraction}")
     if len(scores) == 0:
         return -math.inf
     m = max(1, math.ceil(keep_fraction * len(scores)))
     return float(np.sort(scores)[::-1][m - 1])
+
+
+def backward_threshold(args, backward_dir, ranges) -> float:
+    """The backward-score threshold: ``--min-backward-score``, or the one that
+    keeps ``--backward-keep-fraction`` of the scored pairs (a pass over the
+    backward-score files, 8 bytes per sentence).
+
+    Args:
+        args: the ``fairseq-kd-distill`` options.
+        backward_dir: the folder of every chunk's backward scores.
+        ranges: the corpus-id range of every chunk.
+    """
+    if args.backward_keep_fraction is None:
+        return args.min_backward_score
+    scores = array("d")
+    for k, ids in enumerate(ranges):
+        for row in backward.read_scores(backward_dir, k, ids):
+            if row[3] is not None:
+                scores.append(row[3])
+    threshold = score_threshold(
+        np.frombuffer(scores, dtype=np.float64),
+        args.backward_keep_fraction,
+        "--backward-keep-fraction",
+    )
+    logger.info(
+        f"--backward-keep-fraction {args.backward_keep_fraction}: keeping "
+        f"backward scores >= {threshold:.4f}"
+    )
+    return threshold
 
 
 def iter_records(work_dir: str, ranges) -> Iterator[Tuple[int, Dict, Dict]]:
@@ -222,11 +274,12 @@ class MergeLock:
             os.remove(self.path)
 
 
-def merge(args, task, corpus, work_dir, gen_stats, fcfg) -> Dict:
+def merge(args, task, corpus, work_dir, gen_stats, fcfg, backward_dir=None) -> Dict:
     """Stream the part files in id order: verify, choose, filter, write, summarise.
 
     Memory holds one chunk's records, running counts, and (with
-    ``--score-keep-fraction``) one float and one byte per sentence.
+    ``--score-keep-fraction`` or ``--backward-keep-fraction``) 8 bytes (and
+    one byte) per sentence.
 
     Args:
         args: the ``fairseq-kd-distill`` options.
@@ -235,6 +288,8 @@ def merge(args, task, corpus, work_dir, gen_stats, fcfg) -> Dict:
         work_dir: the run's work folder.
         gen_stats: ``(chunks, sentences, seconds)`` translated by this process.
         fcfg: the degenerate-output bounds.
+        backward_dir: the folder of every chunk's backward scores (see
+            ``backward.score_chunks``), or None without the backward filter.
 
     Returns:
         The summary dict (also written to ``OUTPUT/<split>.summary.json``).
@@ -262,21 +317,23 @@ def merge(args, task, corpus, work_dir, gen_stats, fcfg) -> Dict:
     )
     chosen = None
     if args.score_keep_fraction is not None:  # first pass: the chosen scores
-        chosen, scores = array("b"), array("f")
-        first = Selector(args.select, post, fcfg, args.on_degenerate, False)
+        chosen, scores = array("b"), array("d")  # the scores exactly
+        # the selector itself chooses (and counts its statistics) here, once
         for _, _, rec in iter_records(work_dir, ranges):
-            idx = first.choose(rec) if rec["nbest"] else -1
+            idx = selector.choose(rec) if rec["nbest"] else -1
             chosen.append(idx)
             if idx >= 0:
                 scores.append(rec["scores"][idx])
         selector.min_score = score_threshold(
-            np.frombuffer(scores, dtype=np.float32), args.score_keep_fraction
+            np.frombuffer(scores, dtype=np.float64), args.score_keep_fraction
         )
         del scores
         logger.info(
             f"--score-keep-fraction {args.score_keep_fraction}: keeping teacher "
             f"scores >= {selector.min_score:.4f}"
         )
+    if backward_dir is not None:
+        selector.min_backward = backward_threshold(args, backward_dir, ranges)
     split, src, tgt = args.gen_subset, args.source_lang, args.target_lang
     d_src, d_tgt = task.source_dictionary, task.target_dictionary
     writers = [
@@ -300,6 +357,8 @@ def merge(args, task, corpus, work_dir, gen_stats, fcfg) -> Dict:
                 engines.add(header.get("engine"))
                 fps = corpus.fingerprints(ranges[k])
                 srcs = None if "src_crc" in rec else corpus.chunk(ranges[k]).src
+                if backward_dir is not None:
+                    rows = backward.read_scores(backward_dir, k, ranges[k])
                 last_chunk = k
             j = i - ranges[k].start
             same = rec["src_crc"] == fps[j] if srcs is None else rec["src"] == srcs[j]
@@ -310,8 +369,22 @@ def merge(args, task, corpus, work_dir, gen_stats, fcfg) -> Dict:
                 )
             if concat is not None:
                 concat.add(rec["src"], rec["ref"])
-            idx = None if chosen is None else chosen[i]
-            hyp = selector.target(rec, idx if idx is None or idx >= 0 else None)
+            idx = None if chosen is None or chosen[i] < 0 else chosen[i]
+            bwd = None
+            if backward_dir is not None:
+                _, b_idx, b_crc, bwd = rows[j]
+                if rec["nbest"]:
+                    idx = selector.choose(rec) if idx is None else idx
+                    b_ok = b_crc == backward.hyp_crc(rec["nbest"][idx])
+                if b_idx != (idx if rec["nbest"] else -1) or (
+                    rec["nbest"] and not b_ok
+                ):
+                    raise DistillError(
+                        f"{backward_dir}: the backward score of sentence {i} is "
+                        "not that of its chosen hypothesis: delete the folder "
+                        "to recompute it"
+                    )
+            hyp = selector.target(rec, idx, bwd)
             if hyp is None:
                 continue
             out.add(rec["src"], hyp, i)
@@ -351,6 +424,14 @@ def merge(args, task, corpus, work_dir, gen_stats, fcfg) -> Dict:
         "keep_fraction": args.score_keep_fraction,
         "threshold": selector.min_score,
         "score": f"the {args.engine} engine's hypothesis score (see docs)",
+    }
+    summary["backward_filter"] = {
+        "backward_path": getattr(args, "backward_path", None),
+        "min_score": getattr(args, "min_backward_score", None),
+        "keep_fraction": getattr(args, "backward_keep_fraction", None),
+        "threshold": selector.min_backward,
+        "score": "the backward model's mean log-probability of the source tokens "
+        "and </s> given the chosen hypothesis",
     }
     summary["filter_settings"] = vars(fcfg)
     parts.atomic_write_text(
