@@ -173,7 +173,12 @@ def _output_vocab_size(model_state):
     return model_state["decoder.embed_tokens.weight"].size(0)
 
 
-def _teacher_cfg(state):
+def teacher_config(state):
+    """A checkpoint's config as omegaconf (``cfg``, or its older ``args``).
+
+    Args:
+        state: the loaded checkpoint.
+    """
     if state.get("args") is not None:
         return convert_namespace_to_omegaconf(state["args"])
     return state["cfg"]
@@ -196,7 +201,7 @@ def teacher_dictionary_files(path, state, src_lang, tgt_lang, dict_dir=None):
     Returns:
         ``(source file, target file)``, or ``(None, why)`` when not found.
     """
-    task_cfg = getattr(_teacher_cfg(state), "task", None)
+    task_cfg = getattr(teacher_config(state), "task", None)
     src = getattr(task_cfg, "source_lang", None) or src_lang
     tgt = getattr(task_cfg, "target_lang", None) or tgt_lang
     if dict_dir:
@@ -222,7 +227,14 @@ def teacher_dictionary_files(path, state, src_lang, tgt_lang, dict_dir=None):
 
 
 def check_teacher_dictionaries(
-    path, state, src_dict, tgt_dict, src_lang=None, tgt_lang=None, dict_dir=None
+    path,
+    state,
+    src_dict,
+    tgt_dict,
+    src_lang=None,
+    tgt_lang=None,
+    dict_dir=None,
+    teacher_dicts=None,
 ):
     """Refuse a teacher whose vocabularies differ from the task's.
 
@@ -240,6 +252,11 @@ def check_teacher_dictionaries(
         tgt_lang: the task's target language.
         dict_dir: ``--teacher-dict-dir``: the folder of the teacher's
             ``dict.SRC.txt`` and ``dict.TGT.txt``.
+        teacher_dicts: the teacher's dictionaries when the task found them
+            itself (a multilingual task adds the language tokens):
+            ``((source, target), (source name, target name))``, or ``(None,
+            why)``; None: read them from the files
+            :func:`teacher_dictionary_files` names.
     """
     model_state = state["model"]
     teacher_src = model_state["encoder.embed_tokens.weight"].size(0)
@@ -252,8 +269,14 @@ def check_teacher_dictionaries(
             "(target) symbols. Binarize the student's data with the teacher's "
             "dictionaries (fairseq-preprocess --srcdict/--tgtdict)."
         )
-    files = teacher_dictionary_files(path, state, src_lang, tgt_lang, dict_dir)
-    if files[0] is None:
+    if teacher_dicts is None:
+        files = teacher_dictionary_files(path, state, src_lang, tgt_lang, dict_dir)
+        dicts = None if files[0] is None else [Dictionary.load(f) for f in files]
+    else:
+        dicts, files = teacher_dicts
+        if dicts is None:
+            files = (None, files)
+    if dicts is None:
         logger.warning(
             f"could not compare the symbols of teacher {path}'s dictionaries with "
             f"this task's: {files[1]}, and --teacher-dict-dir is not set. Only "
@@ -261,8 +284,9 @@ def check_teacher_dictionaries(
             "of the teacher's dict.*.txt) to compare the symbols."
         )
         return
-    for side, file, ours in zip(("source", "target"), files, (src_dict, tgt_dict)):
-        theirs = Dictionary.load(file)
+    for side, file, theirs, ours in zip(
+        ("source", "target"), files, dicts, (src_dict, tgt_dict)
+    ):
         if dictionary_signature(theirs) == dictionary_signature(ours):
             continue
         diff = describe_symbol_difference(
@@ -277,12 +301,16 @@ def check_teacher_dictionaries(
         )
 
 
-def load_teacher_ensemble(paths, task, dict_dir=None):
+def load_teacher_ensemble(
+    paths, task, dict_dir=None, check_state=None, find_dicts=None
+):
     """Load one or more teacher checkpoints for ``task``, frozen, on the CPU.
 
-    Each model is built with the task's dictionaries (after checking their
+    Each model is built with the task's dictionaries (after the task's own
+    ``check_teacher_state(path, state)``, if it has one, and checking their
     sizes and symbols against the teacher's, see
-    :func:`check_teacher_dictionaries`), put in eval mode and has gradients
+    :func:`check_teacher_dictionaries`; a task's ``teacher_dictionaries``
+    finds the teacher's), put in eval mode and has gradients
     turned off. The models are returned in a plain list so that nothing
     registers them as submodules of the student or the criterion.
 
@@ -291,6 +319,11 @@ def load_teacher_ensemble(paths, task, dict_dir=None):
         task: the task whose dictionaries the teacher must share.
         dict_dir: folder of the teachers' ``dict.SRC.txt``/``dict.TGT.txt``
             (``--teacher-dict-dir``); by default their ``task.data`` folder.
+        check_state: ``check(path, state)`` refusing an incompatible teacher;
+            default: the task's ``check_teacher_state``, if any.
+        find_dicts: ``find(path, state, dict_dir)`` giving the teacher's
+            dictionaries (see :func:`check_teacher_dictionaries`); default:
+            the task's ``teacher_dictionaries``, if any.
 
     Returns:
         A list of ``FairseqModel`` instances.
@@ -303,6 +336,10 @@ def load_teacher_ensemble(paths, task, dict_dir=None):
     )
     for path in split_checkpoint_paths(paths):
         state = load_checkpoint(path)
+        check = check_state or getattr(task, "check_teacher_state", None)
+        if check is not None:
+            check(path, state)
+        find = find_dicts or getattr(task, "teacher_dictionaries", None)
         check_teacher_dictionaries(
             path,
             state,
@@ -310,8 +347,9 @@ def load_teacher_ensemble(paths, task, dict_dir=None):
             task.target_dictionary,
             *langs,
             dict_dir=dict_dir,
+            teacher_dicts=find(path, state, dict_dir) if find else None,
         )
-        cfg = _teacher_cfg(state)
+        cfg = teacher_config(state)
         model = models.build_model(cfg.model, task, from_checkpoint=True)
         model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
         model.eval()

@@ -1,6 +1,7 @@
 """``fairseq-kd-dump-topk``: run a teacher once over a split and store its top-k."""
 
 import argparse
+import functools
 import hashlib
 import logging
 import os
@@ -16,6 +17,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from tqdm import tqdm
 
 import fairseq_kd
+from fairseq_kd import multilingual
 from fairseq_kd.checkpoints import checkpoint_fingerprint, load_teacher_ensemble
 from fairseq_kd.teacher import (
     DTYPES,
@@ -64,6 +66,12 @@ def add_dump_args(parser):
         help="folder of the teacher's dictionaries (dict.SRC.txt, dict.TGT.txt), "
         "whose symbols must equal the data's; by default the data folder named "
         "in the teacher's checkpoint",
+    )  # fmt: skip
+    group.add_argument(
+        "--dump-lang-pairs", default=None, metavar="PAIRS",
+        help="with --task translation_multi_simple_epoch: the directions to "
+        "dump, comma-separated (default: every --lang-pairs direction); each "
+        "goes to its own store, DIR/SRC-TGT",
     )  # fmt: skip
     group.add_argument(
         "--commit-interval", type=int, default=50, metavar="N",
@@ -414,9 +422,22 @@ def dump(cfg):
             f"--k {dump_cfg.k} is larger than the target dictionary "
             f"({len(task.target_dictionary)})"
         )
+    is_multi = multilingual.is_multilingual(task)
+    hooks = {}
+    if is_multi and not hasattr(task, "check_teacher_state"):  # fairseq's task
+        hooks = {
+            "check_state": functools.partial(multilingual.check_teacher_settings, task),
+            "find_dicts": functools.partial(multilingual.teacher_dictionaries, task),
+        }
+    pairs = _as_pairs(dump_cfg.get("lang_pairs"))
+    if pairs and not is_multi:
+        raise ValueError(
+            "--dump-lang-pairs needs --task translation_multi_simple_epoch (the "
+            "multilingual task)"
+        )
     with torch.random.fork_rng(devices=[]):
         teachers = load_teacher_ensemble(
-            cfg.common_eval.path, task, dict_dir=dump_cfg.teacher_dict_dir
+            cfg.common_eval.path, task, dict_dir=dump_cfg.teacher_dict_dir, **hooks
         )
     use_cuda = torch.cuda.is_available() and not cfg.common.cpu
     precision = dump_precision(dump_cfg.teacher_precision, cfg.common, use_cuda)
@@ -426,6 +447,8 @@ def dump(cfg):
     folders = utils.split_paths(cfg.task.data)
     if split != cfg.dataset.train_subset:
         folders = folders[:1]  # fairseq reads other splits from the first folder
+    if is_multi:
+        return dump_directions(cfg, task, teachers, precision, split, folders, pairs)
     runs = []
     for index, folder in enumerate(folders):
         output = data_folder_output(dump_cfg.output, index, len(folders))
@@ -451,6 +474,64 @@ def dump(cfg):
     return dict(totals, stores=runs, output=dump_cfg.output)
 
 
+def _as_pairs(value):
+    if not value:
+        return None
+    return [p.strip() for p in str(value).split(",") if p.strip()]
+
+
+def dump_directions(cfg, task, teachers, precision, split, folders, pairs=None):
+    """Dump one store per direction of a multilingual split, ``OUTPUT/SRC-TGT``.
+
+    Each direction's dataset is the student's (language tags included, see
+    :func:`fairseq_kd.multilingual.direction_datasets`); its store records
+    the direction, so that it is refused for another one.
+
+    Args:
+        cfg: the dump's config (see :func:`dump`).
+        task: the multilingual task.
+        teachers: the loaded teachers, on their device.
+        precision: the teachers' precision.
+        split: the split's name.
+        folders: the data folders (one: several are refused).
+        pairs: the directions to dump (default: all of ``--lang-pairs``).
+
+    Returns:
+        The sums of the stores' statistics and a ``stores`` list.
+    """
+    if len(folders) > 1:
+        raise ValueError(
+            f"the multilingual task's stores are dumped from one data folder: "
+            f"{cfg.task.data} names {len(folders)}"
+        )
+    runs = []
+    combine = split == cfg.dataset.train_subset
+    for pair, dataset, direction in multilingual.direction_datasets(
+        task, split, pairs, combine=combine
+    ):
+        output = os.path.join(cfg.dump.output, pair)
+        runs.append(
+            dump_split(
+                cfg,
+                task,
+                teachers,
+                precision,
+                split,
+                1,
+                folders[0],
+                output,
+                skip_finished=True,
+                dataset=dataset,
+                direction=direction,
+            )
+        )
+    totals = {
+        key: sum(r[key] for r in runs)
+        for key in ("sentences", "tokens", "seconds", "bytes")
+    }
+    return dict(totals, stores=runs, output=cfg.dump.output)
+
+
 def _check_teacher_positions(teachers, dataset, split):
     """Refuse a split with sentences longer than a teacher's positional table."""
     limits = utils.resolve_max_positions(*(t.max_positions() for t in teachers))
@@ -467,7 +548,17 @@ def _check_teacher_positions(teachers, dataset, split):
 
 
 def dump_split(
-    cfg, task, teachers, precision, split, epoch, folder, output, skip_finished=False
+    cfg,
+    task,
+    teachers,
+    precision,
+    split,
+    epoch,
+    folder,
+    output,
+    skip_finished=False,
+    dataset=None,
+    direction=None,
 ):
     """Dump the teachers' top-k of one split of one data folder.
 
@@ -483,6 +574,10 @@ def dump_split(
         skip_finished: keep a finished store of this very dump (same
             signature and k) instead of refusing it, so that rerunning a dump
             of several data folders resumes with the first unfinished one.
+        dataset: the ``LanguagePairDataset`` to dump (default: the task's
+            ``split``, loaded here).
+        direction: a multilingual direction's signature (see
+            :func:`fairseq_kd.topk_store.data_signature`).
 
     Returns:
         The store's statistics (see :func:`dump`).
@@ -493,8 +588,12 @@ def dump_split(
     if max_tokens is None and max_sentences is None:
         max_tokens = DEFAULT_MAX_TOKENS
     use_cuda = next(teachers[0].parameters()).is_cuda
-    task.load_dataset(split, epoch=epoch, combine=split == cfg.dataset.train_subset)
-    dataset = task.dataset(split)
+    if dataset is None:
+        task.load_dataset(split, epoch=epoch, combine=split == cfg.dataset.train_subset)
+        dataset = task.dataset(split)
+        langs = (task.cfg.source_lang, task.cfg.target_lang)
+    else:
+        langs = tuple(direction["lang_pair"].split("-"))
     tgt_dict = task.target_dictionary
     _, tgt_sizes = pair_sizes(dataset)
     _check_teacher_positions(teachers, dataset, split)
@@ -502,12 +601,14 @@ def dump_split(
     plan = make_plan(dataset, max_tokens, max_sentences)
     batches = plan[shard_id::num_shards]
     ids = np.sort(np.concatenate(batches)) if batches else np.zeros(0, np.int64)
-    signature = data_signature(dataset, task.source_dictionary, tgt_dict, split)
+    signature = data_signature(
+        dataset, task.source_dictionary, tgt_dict, split, direction
+    )
     signature.update(
         package_version=fairseq_kd.__version__,
         data_folder=os.path.abspath(folder),
-        source_lang=task.cfg.source_lang,
-        target_lang=task.cfg.target_lang,
+        source_lang=langs[0],
+        target_lang=langs[1],
         teachers=checkpoint_fingerprint(cfg.common_eval.path),
         dump={
             "precision": precision.name,
@@ -655,6 +756,7 @@ def parse(argv=None):
                 "commit_interval": args.commit_interval,
                 "teacher_precision": args.teacher_precision,
                 "teacher_dict_dir": args.teacher_dict_dir,
+                "lang_pairs": args.dump_lang_pairs,
             }
         )
     return cfg

@@ -222,17 +222,22 @@ def tokens_sample_sha256(dataset, pad):
     return digest.hexdigest()
 
 
-def data_signature(dataset, src_dict, tgt_dict, split):
+def data_signature(dataset, src_dict, tgt_dict, split, direction=None):
     """The part of a store's signature that describes the binarized split.
 
     Args:
-        dataset: the split's ``LanguagePairDataset``.
+        dataset: the split's ``LanguagePairDataset`` (multilingual: one
+            direction's, language tags included).
         src_dict: source dictionary.
         tgt_dict: target dictionary.
         split: the split's name (``train``, ``valid``...).
+        direction: a multilingual task's direction, ``{"lang_pair": "de-en",
+            "source_langtok": "__de__" or None, "target_langtok": ...}`` (see
+            :func:`describe_direction`); None for a bilingual task.
     """
     src_sizes, tgt_sizes = pair_sizes(dataset)
-    return {
+    signature = {} if direction is None else {"direction": direction}
+    return signature | {
         "split": split,
         "num_sentences": int(len(tgt_sizes)),
         "source_dictionary": dictionary_signature(src_dict),
@@ -241,6 +246,22 @@ def data_signature(dataset, src_dict, tgt_dict, split):
         "target_lengths_sha256": lengths_sha256(tgt_sizes),
         "tokens_sample_sha256": tokens_sample_sha256(dataset, tgt_dict.pad()),
     }
+
+
+def describe_direction(direction):
+    """``de-en (source tag __de__, target tag __en__)``, or ``no direction``.
+
+    Args:
+        direction: a signature's ``direction`` (see :func:`data_signature`).
+    """
+    if not direction:
+        return "no direction (a bilingual store)"
+    tags = [
+        f"{side} tag {direction.get(f'{side}_langtok')}"
+        for side in ("source", "target")
+        if direction.get(f"{side}_langtok")
+    ]
+    return f"{direction['lang_pair']} ({', '.join(tags) or 'no language tags'})"
 
 
 def file_sha256(path):
@@ -458,17 +479,20 @@ class TopKStore:
                     f"says {spec['sha256'][:12]}...: the store is corrupt"
                 )
 
-    def verify_against(self, dataset, src_dict, tgt_dict, split):
+    def verify_against(self, dataset, src_dict, tgt_dict, split, direction=None):
         """Refuse to serve ``split`` unless the store was dumped from it.
 
-        Compares the split name, the dictionaries, the number of sentences,
-        their source and target lengths, and the tokens of sampled sentences.
+        Compares the direction (multilingual data: language pair and
+        language tags) first, then the split name, the dictionaries, the
+        number of sentences, their source and target lengths, and the tokens
+        of sampled sentences.
 
         Args:
             dataset: the split's ``LanguagePairDataset``.
             src_dict: source dictionary.
             tgt_dict: target dictionary.
             split: the split's name.
+            direction: the direction it serves (see :func:`data_signature`).
 
         Raises:
             TopKStoreMismatch: naming every difference found.
@@ -479,7 +503,17 @@ class TopKStore:
                 f"top-k store {self.path} is shard {shard['shard_id']} of "
                 f"{shard['num_shards']}: merge the shards with fairseq-kd-merge-topk"
             )
-        expected = data_signature(dataset, src_dict, tgt_dict, split)
+        stored = self.header.get("direction")
+        if stored != direction:
+            raise TopKStoreMismatch(
+                f"top-k store {self.path} was dumped for "
+                f"{describe_direction(stored)}, but it is read for "
+                f"{describe_direction(direction)} of split '{split}'. Give each "
+                "direction its own store (fairseq-kd-dump-topk --task "
+                "translation_multi_simple_epoch_kd writes OUTPUT/SRC-TGT), dumped "
+                "with this run's --lang-pairs and language-token options."
+            )
+        expected = data_signature(dataset, src_dict, tgt_dict, split, direction)
         problems = []
         for key in DATA_FIELDS:
             stored, actual = self.header.get(key), expected[key]

@@ -33,6 +33,7 @@ from fairseq_kd.losses import (
     teacher_log_distribution,
 )
 from fairseq_kd.schedules import parse_schedule
+from fairseq_kd.tasks.kd_teacher import KD_MASK
 from fairseq_kd.tasks.translation_kd import TEACHER_KEY
 
 logger = logging.getLogger(__name__)
@@ -512,6 +513,9 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         ids = torch.cat([target, indices.to(target.dtype)], dim=-1)  # N x 1+K
         gathered = lprobs.gather(-1, ids)
         pad_mask = target.eq(self.padding_idx)  # N x 1
+        no_kd = pad_mask.squeeze(-1)  # N
+        if teacher.get(KD_MASK) is not None:  # e.g. language tags: no KD term
+            no_kd = no_kd | ~teacher[KD_MASK].reshape(-1)
         # fairseq's label_smoothed_nll_loss, term for term
         nll_loss = (-gathered[:, :1]).masked_fill(pad_mask, 0.0).sum()
         smooth_loss = (-lprobs.sum(dim=-1, keepdim=True)).masked_fill(pad_mask, 0.0)
@@ -519,7 +523,7 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         loss = (1.0 - self.eps - eps_i) * nll_loss + eps_i * smooth_loss.sum()
         logq = teacher_log_distribution(teacher_lprobs, 1.0)  # N x K
         kl = forward_kl(logq, at_least_float32(gathered[:, 1:]))  # N
-        kd_loss = kl.masked_fill(pad_mask.squeeze(-1), 0.0).sum()
+        kd_loss = kl.masked_fill(no_kd, 0.0).sum()
         return loss, nll_loss, kd_loss
 
     def _fuses_full_vocabulary(self, teacher):
@@ -562,7 +566,7 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         vocab = lprobs.size(-1)
         flat_lprobs = lprobs.reshape(-1, vocab)  # N x V
         flat_target = target.reshape(-1)  # N
-        keep, selection = self.kd_tokens(flat_lprobs, flat_target)
+        keep, selection = self.kd_tokens(flat_lprobs, flat_target, teacher.get(KD_MASK))
         nll, smooth, kd = nll_and_full_vocabulary_kd(
             flat_lprobs,
             flat_target,
@@ -578,12 +582,14 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         loss = (1.0 - self.eps - eps_i) * nll + eps_i * smooth
         return loss, nll, kd.masked_fill(~keep, 0.0), selection
 
-    def kd_tokens(self, flat_lprobs, flat_target):
+    def kd_tokens(self, flat_lprobs, flat_target, kd_mask=None):
         """Which tokens get the KD term, and the selection counts.
 
         Args:
             flat_lprobs: the student's log-probabilities at T = 1, ``N x V``.
             flat_target: the target with the prefix padded, ``N``.
+            kd_mask: ``sample["teacher"]["mask"]``, ``B x T`` bool: False
+                where the task wants no KD term (language tags), or None.
 
         Returns:
             ``(keep, selection)``: a boolean mask ``N`` (non-padding, selected
@@ -591,6 +597,8 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
             as 0-dim tensors (None without selection).
         """
         keep = flat_target.ne(self.padding_idx)  # N
+        if kd_mask is not None:
+            keep = keep & kd_mask.reshape(-1)
         if self.kd_selection == "none":
             return keep, None
         ce = gold_token_nll(flat_lprobs, flat_target, self.padding_idx)  # N
@@ -675,7 +683,7 @@ class WordKDCriterion(LabelSmoothedCrossEntropyCriterion):
         vocab, support = lprobs.size(-1), teacher_lprobs.size(-1)
         flat_lprobs = lprobs.reshape(-1, vocab)  # N x V
         flat_target = target.reshape(-1)  # N
-        keep, selection = self.kd_tokens(flat_lprobs, flat_target)
+        keep, selection = self.kd_tokens(flat_lprobs, flat_target, teacher.get(KD_MASK))
         kd = kd_divergence_per_token(
             flat_lprobs,
             teacher_lprobs.reshape(-1, support),

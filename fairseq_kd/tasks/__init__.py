@@ -1,3 +1,7 @@
 """Tasks of fairseq-kd."""
 
-from fairseq_kd.tasks import translation_kd  # noqa: F401
+from fairseq_kd.tasks import (  # noqa: F401
+    kd_teacher,
+    translation_kd,
+    translation_multi_simple_epoch_kd,
+)
