@@ -232,7 +232,6 @@ def train_stage(cfg, name, data, arch, train, extra, inputs, group, more=()):
                     data, tmp(save), arch, train, cfg.src, cfg.tgt, device, flags
                 ),
                 on_output=save_train_time(tmp(save), train.updates),
-                show=("| train |",),
                 progress=lambda: Progress("train", train.updates, name),
             )
         ]

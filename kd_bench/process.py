@@ -46,8 +46,18 @@ def format_seconds(seconds):
 
 _UPDATES = re.compile(r"\bnum_updates[=\":\s]+(\d+)")
 _RESUMED = re.compile(r"Loaded checkpoint .*\(epoch \d+ @ (\d+) updates\)")
-_TQDM = re.compile(r"(\d+)/(\d+) \[")
+_TQDM = re.compile(r"([\d.]+)([kMGT]?)/([\d.]+)([kMGT]?) \[")
+_SCALE = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _LOSS = re.compile(r"\bloss[=\":\s]+([\d.]+)")
+
+
+def _count(n):
+    """A count as a short number (``1234``, ``26.1k``)."""
+    if n < 1e4:
+        return str(int(round(n)))
+    for suffix, scale in (("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
 
 
 class Progress:
@@ -79,6 +89,7 @@ class Progress:
         self.loss = None
         self.last_print = None
         self.last_done = None
+        self.first_seen = None  # (time, count) of the first count
 
     def _count(self, line):
         if self.kind == "train":
@@ -102,7 +113,8 @@ class Progress:
             for m in _TQDM.finditer(line):
                 pass
             if m:
-                self.done, self.total = int(m.group(1)), int(m.group(2))
+                self.done = float(m.group(1)) * _SCALE[m.group(2)]
+                self.total = float(m.group(3)) * _SCALE[m.group(4)]
                 return True
         return False
 
@@ -110,15 +122,21 @@ class Progress:
         """The progress line for what has been seen so far."""
         elapsed = self.clock() - self.start
         unit = self.UNITS[self.kind]
-        head = f"    {self.label + ': ' if self.label else ''}{self.done}"
+        head = f"    {self.label + ': ' if self.label else ''}{_count(self.done)}"
         if not self.total:
             return f"{head} {unit}, {format_seconds(elapsed)} elapsed"
         pct = 100.0 * self.done / self.total
-        text = f"{head}/{self.total} {unit} ({pct:.0f}%), {format_seconds(elapsed)}"
+        text = f"{head}/{_count(self.total)} {unit} ({pct:.0f}%), "
+        text += format_seconds(elapsed)
         text += " elapsed"
-        ran = self.done - self.first
-        if 0 < ran and self.done < self.total and elapsed > 0:
-            left = (self.total - self.done) * elapsed / ran
+        # training: the rate since the start (or the resumed checkpoint);
+        # translation and bars: since the first count (model loading excluded)
+        since, ran = elapsed, self.done - self.first
+        if self.kind != "train" and self.first_seen is not None:
+            since = self.clock() - self.first_seen[0]
+            ran = self.done - self.first_seen[1]
+        if 0 < ran and self.done < self.total and since > 0:
+            left = (self.total - self.done) * since / ran
             text += f", ~{format_seconds(left)} left"
         if self.loss is not None:
             text += f", loss {self.loss}"
@@ -129,6 +147,8 @@ class Progress:
         if not self._count(line):
             return None
         now = self.clock()
+        if self.first_seen is None:
+            self.first_seen = (now, self.done)
         if self.last_print is not None and now - self.last_print < self.interval:
             return None
         self.last_print, self.last_done = now, self.done

@@ -7,4 +7,5 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export KD_BENCH_LAUNCHER="bash examples/quickstart/run.sh"
-exec python -m kd_bench multi30k --preset quickstart --work-root "$here/work" --summary "$@"
+exec python -m kd_bench multi30k --preset quickstart --rows baseline,word-kd,word-kd-js \
+    --work-root "$here/work" --summary "$@"
