@@ -928,7 +928,7 @@ def describe(cfg):
             {"name": r.name, "label": r.label, "data": r.data, "kd": r.kd}
             for r in cfg.rows
         ],
-        "goals": asdict(preset.goals),
+        "goal_settings": asdict(preset.goals),
         "settings": {
             "teacher_arch": " ".join(map(str, preset.teacher_arch)),
             "student_arch": " ".join(map(str, preset.student_arch)),

@@ -134,7 +134,7 @@ def build_results(scores, meta):
         "chrf": scores.get("chrf_signature"),
     }
     results["rows"] = rows
-    results["goals"] = check_goals(rows, meta.get("goals"))
+    results["goals"] = check_goals(rows, meta.get("goal_settings"))
     return results
 
 
@@ -143,7 +143,7 @@ def _bleu(row, split="test", beam="beam5"):
 
 
 def _ratio(a, b):
-    return round(a / b, 3) if a and b else None
+    return round(a / b, 3) if a is not None and b else None
 
 
 def against_teacher_beam5(row, teacher):
@@ -258,7 +258,7 @@ def summary_text(results):
         f"{test}: sacreBLEU / chrF, sentences/s (fairseq-generate, batch "
         f"{results.get('settings', {}).get('gen_batch_size', '?')}), speed-up "
         "over the teacher at the same beam",
-        f"{'model':<44} {'beam':>4} {'BLEU':>6} {'chrF':>6} {'sent/s':>7} "
+        f"{'model':<56} {'beam':>4} {'BLEU':>6} {'chrF':>6} {'sent/s':>7} "
         f"{'speed-up':>8}",
     ]
     for label, r in chosen:
@@ -274,7 +274,7 @@ def summary_text(results):
                 for v, fmt in ((bleu, "{:.2f}"), (chrf, "{:.2f}"), (speed, "{:.0f}"))
             ]
             lines.append(
-                f"{label[:44]:<44} {beam[4:]:>4} {cells[0]:>6} {cells[1]:>6} "
+                f"{label[:56]:<56} {beam[4:]:>4} {cells[0]:>6} {cells[1]:>6} "
                 f"{cells[2]:>7} {'–' if up is None else f'{up:.2f}x':>8}"
             )
     if best is not None and teacher is not None:

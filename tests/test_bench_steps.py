@@ -408,7 +408,7 @@ def test_quickstart_prints_teacher_baseline_and_the_best_kd_student(tmp_path):
     assert sum(line.startswith("teacher ") for line in rows) == 2  # greedy, beam 5
     assert sum(line.startswith("student without KD") for line in rows) == 2
     label = next(r["label"] for r in results["rows"] if r["name"] == best)
-    assert f"best KD on valid: {label}"[:44] in summary
+    assert f"best KD on valid: {label}"[:56] in summary
     assert "tok:13a" in results["signatures"]["bleu"]
     # a rerun resumes: no stage runs again
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
