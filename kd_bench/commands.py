@@ -23,6 +23,11 @@ def post_process_symbol(subword):
     return {"spm": "sentencepiece", "bpe": "subword_nmt"}[subword]
 
 
+def log_interval(updates):
+    """fairseq-train's ``--log-interval``: ~20 log lines a run, 1 to 50 updates."""
+    return max(1, min(50, int(updates) // 20))
+
+
 def train_command(data, save_dir, arch, train, src, tgt, device=(), extra=()):
     """The ``fairseq-train`` command line of one model.
 
@@ -59,7 +64,8 @@ def train_command(data, save_dir, arch, train, src, tgt, device=(), extra=()):
         # pass (budgets are chosen on the translated valid set instead)
         + ["--disable-validation", "--no-epoch-checkpoints"]
         + ["--seed", "1", "--num-workers", "0"]
-        + ["--log-format", "simple", "--log-interval", "50"]
+        # about 20 progress lines a training (at most every 50 updates)
+        + ["--log-format", "simple", "--log-interval", log_interval(train.updates)]
         + list(device)
         + extra
     )

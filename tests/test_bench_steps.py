@@ -16,6 +16,7 @@ from kd_bench import cli, commands, data, evaluate, files
 from kd_bench import plan as kdplan
 from kd_bench.corpora import multi30k
 from kd_bench.corpus import load_corpus
+from kd_bench.preset import TrainSettings
 from kd_bench.process import CommandError, Progress, run_command
 from kd_bench.stage_runner import Command, Stage, StageRunner
 
@@ -136,6 +137,16 @@ def test_ct2_batches_group_sources_of_similar_length():
 
 
 # -- progress of long commands -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "updates,interval", [(30, 1), (300, 15), (800, 40), (40000, 50)]
+)
+def test_training_logs_often_enough_for_progress(updates, interval):
+    assert commands.log_interval(updates) == interval
+    settings = TrainSettings(updates, "1e-3", 10, 1000, 0.1)
+    argv = commands.train_command("BIN", "SAVE", [], settings, "de", "en")
+    assert argv[argv.index("--log-interval") + 1] == interval
 
 
 class Clock:
