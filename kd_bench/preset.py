@@ -261,7 +261,7 @@ CPU = Preset(
         "selective-global",
         "word-kd-js",
     ),
-    curve=Curve("seq-kd+word-kd", every=200),
+    curve=Curve("seq-kd+word-kd", every=100),
 )
 
 #: A machine with a GPU: transformer_iwslt_de_en-sized teacher; translation
