@@ -6,7 +6,13 @@ import shutil
 import tarfile
 import urllib.request
 
-from kd_bench.files import find_file, read_lines, sha256_file, write_lines
+from kd_bench.files import (
+    atomic_write,
+    find_file,
+    read_lines,
+    sha256_file,
+    write_lines,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +32,7 @@ def normalise_line(line):
 
 
 def download(url, path):
-    """Download ``url`` to ``path`` (via ``path.part``) unless it is there.
+    """Download ``url`` to ``path`` (atomically) unless it is there.
 
     Args:
         url: the address.
@@ -34,12 +40,9 @@ def download(url, path):
     """
     if os.path.exists(path):
         return path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     logger.warning("downloading %s", url)
-    tmp = path + ".part"
-    with urllib.request.urlopen(url) as r, open(tmp, "wb") as f:
+    with urllib.request.urlopen(url) as r, atomic_write(path, "wb") as f:
         shutil.copyfileobj(r, f)
-    os.replace(tmp, path)
     return path
 
 

@@ -106,6 +106,20 @@ def test_prepare_text_refuses_misaligned_sides(tmp_path):
         )
 
 
+def test_download_writes_atomically_and_skips_what_is_there(tmp_path):
+    src = tmp_path / "remote.txt"
+    src.write_text("corpus\n")
+    dest = tmp_path / "raw" / "train.de"
+    assert data.download(src.as_uri(), str(dest)) == str(dest)
+    assert dest.read_text() == "corpus\n" and os.listdir(dest.parent) == ["train.de"]
+    src.write_text("changed\n")
+    data.download(src.as_uri(), str(dest))  # there already: not fetched again
+    assert dest.read_text() == "corpus\n"
+    with pytest.raises(OSError):
+        data.download((tmp_path / "missing").as_uri(), str(tmp_path / "x"))
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "x.tmp")
+
+
 def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
     path = str(tmp_path / "x.json")
     files.write_json(path, {"a": 1})
