@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from kd_bench.data import normalise_line
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MULTI30K = os.path.join(REPO, "..", "shared", "data", "multi30k")
@@ -92,7 +94,7 @@ def prepare_multi30k(work, sentences, vocab):
 
     def read(name, limit=None):
         with gzip.open(os.path.join(MULTI30K, name), "rt", encoding="utf-8") as f:
-            lines = [" ".join(line.split()) for line in f]
+            lines = [normalise_line(line) for line in f]
         return lines[:limit] if limit else lines
 
     splits = {

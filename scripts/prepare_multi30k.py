@@ -13,14 +13,15 @@ import gzip
 import os
 import subprocess
 import sys
-import unicodedata
+
+from kd_bench.data import normalise_line
 
 SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
 
 
 def normalise(line):
-    """NFKC-normalise a line and collapse runs of whitespace (incl. no-break)."""
-    return " ".join(unicodedata.normalize("NFKC", line).split())
+    """The harness's normalisation (:func:`kd_bench.data.normalise_line`)."""
+    return normalise_line(line)
 
 
 def read_raw(raw_dir, prefix, lang):

@@ -9,11 +9,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import corpus  # noqa: E402
 
-from fairseq_kd import pipeline  # noqa: E402
+from kd_bench.data import default_shared_folder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_kd")
-MULTI30K = pipeline.default_multi30k_folder(REPO)
+MULTI30K = default_shared_folder("multi30k", REPO, env="MULTI30K_DIR")
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,9 @@ import torch
 from conftest import REPO, USER_DIR
 from corpus import STUDENT_ARCH, run, train
 
-from fairseq_kd import pipeline, recipe
 from fairseq_kd.checkpoints import UnsafeCheckpointError, load_checkpoint
+from kd_bench import commands, evaluate, process
+from kd_bench.preset import TINY, TrainSettings
 
 # A source batch and target prefix for comparing logits (ids inside the tiny
 # corpus' joined dictionary: 4 .. 95 are words).
@@ -67,8 +68,8 @@ def test_other_pickled_objects_need_a_user_named_file(teacher, tmp_path, monkeyp
     assert state["cfg"].task._name == "translation"
     # the recipes count parameters of their own files: no fallback there
     with pytest.raises(UnsafeCheckpointError, match="old-style.pt"):
-        pipeline.count_parameters(path)
-    assert pipeline.count_parameters(teacher) == sum(
+        evaluate.count_parameters(path)
+    assert evaluate.count_parameters(teacher) == sum(
         v.numel()
         for k, v in load_checkpoint(teacher)["model"].items()
         if not k.endswith("_float_tensor")
@@ -99,26 +100,21 @@ def test_teacher_needing_full_unpickling_loads_with_a_warning(
 
 def test_recipe_environment_and_commands_do_not_force_unpickling(monkeypatch):
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
-    env = pipeline.fairseq_env()
+    env = process.child_env()
     assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in env
     assert env["PYTHONUNBUFFERED"] == "1"
-    ctx = {
-        "src": "de",
-        "tgt": "en",
-        "bin": "BIN",
-        "subword": "spm",
-        "preset": {"gen_batch_size": 8, "device": ["--cpu"]},
-    }
-    settings = {"updates": 1, "lr": 1, "warmup": 1, "max_tokens": 1, "dropout": 0}
+    settings = TrainSettings(1, "1", 1, 1, 0)
     # every fairseq command that loads a checkpoint gets the plugin, once
-    gen = recipe.generate_command(ctx, "ckpt.pt", "test", 5)
-    assert gen[gen.index("--user-dir") + 1] == recipe.USER_DIR
+    gen = commands.generate_command(
+        "BIN", "ckpt.pt", "test", 5, "de", "en", TINY, "spm"
+    )
+    assert gen[gen.index("--user-dir") + 1] == commands.plugin_dir() == USER_DIR
     for extra in ([], ["--user-dir", USER_DIR, "--task", "translation_kd"]):
-        cmd = recipe.train_command(ctx, "BIN", "SAVE", [], settings, extra)
+        cmd = commands.train_command("BIN", "SAVE", [], settings, "de", "en", (), extra)
         assert cmd.count("--user-dir") == 1
-    ct2 = recipe.ct2_convert_command("ckpt.pt", "BIN", "de", "en", "OUT")
+    ct2 = commands.ct2_convert_command("ckpt.pt", "BIN", "de", "en", "OUT")
     assert "--unsafe_deserialization" not in ct2
-    assert ct2[ct2.index("--user_dir") + 1] == recipe.USER_DIR
+    assert ct2[ct2.index("--user_dir") + 1] == USER_DIR
 
 
 # ------------------------------------------------------ item 12: the export
@@ -338,7 +334,9 @@ def test_export_ct2_model_translates_without_plugin(exported, data_bin):
 
 def test_recipe_ct2_conversion_needs_no_unsafe_loading(student, data_bin, tmp_path):
     out = tmp_path / "ct2"
-    pipeline.run(recipe.ct2_convert_command(student, data_bin, "src", "tgt", out))
+    process.run_command(
+        commands.ct2_convert_command(student, data_bin, "src", "tgt", out)
+    )
     assert (out / "model.bin").is_file()
 
 

@@ -26,6 +26,7 @@ def test_ci_runs_the_readme_set_up_and_test_commands():
 
 def test_every_module_has_a_docstring():
     files = glob.glob(os.path.join(REPO, "fairseq_kd", "**", "*.py"), recursive=True)
+    files += glob.glob(os.path.join(REPO, "kd_bench", "**", "*.py"), recursive=True)
     files += glob.glob(os.path.join(REPO, "tests", "*.py"))
     files += glob.glob(os.path.join(REPO, "examples", "**", "*.py"), recursive=True)
     missing = [f for f in files if not ast.get_docstring(ast.parse(open(f).read()))]

@@ -1,6 +1,6 @@
-"""Staged, resumable pipelines: stamps, atomic outputs, --from/--only, dry runs.
+"""The stage runner: stamps, atomic outputs, resumable stages, --from/--only, dry runs.
 
-A pipeline is a list of :class:`Stage`. Each stage names the files or folders
+A recipe is a list of :class:`Stage`. Each stage names the files or folders
 it reads (``inputs``), the ones it writes (``outputs``) and the settings that
 change what it writes (``params``); its work is a list of steps, each a
 :class:`Command` (an external program) or a :class:`PyStep` (a Python
@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-from fairseq_kd import pipeline
+from kd_bench.files import sha256_file, write_json
+from kd_bench.process import CommandError, Progress, format_seconds, run_command
 
 STAMP_VERSION = 1
 PARTIAL = ".partial"
@@ -41,12 +42,15 @@ class Command:
             wall time; use it to parse results into the stage's outputs.
         show: substrings of output lines to echo while the command runs.
         describe: a comment printed before the command in dry runs.
+        progress: ``progress()`` makes the :class:`~kd_bench.process.Progress`
+            that turns the command's output into progress lines (None: none).
     """
 
     argv: List[str]
     on_output: Optional[Callable[[str, float], Any]] = None
     show: Sequence[str] = ()
     describe: str = ""
+    progress: Optional[Callable[[], Progress]] = None
 
 
 @dataclass
@@ -98,14 +102,6 @@ def tmp_path(path):
     return path + PARTIAL
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_signature(path, previous=None):
     st = os.stat(path)
     sig = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -117,7 +113,7 @@ def _file_signature(path, previous=None):
     ):
         sig["sha256"] = previous["sha256"]  # unchanged on disk: no rehash
     else:
-        sig["sha256"] = _sha256(path)
+        sig["sha256"] = sha256_file(path)
     return sig
 
 
@@ -166,15 +162,6 @@ def _normalise(obj):
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
-def format_seconds(seconds):
-    """``1h02m03s`` / ``2m03s`` / ``3.4s``."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def _remove(path):
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
@@ -182,7 +169,7 @@ def _remove(path):
         os.remove(path)
 
 
-class Pipeline:
+class StageRunner:
     """Runs stages in order, skipping those whose stamp is current.
 
     Args:
@@ -330,7 +317,7 @@ class Pipeline:
             "seconds": round(seconds, 2),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        pipeline.write_json(self.stamp_path(stage), stamp)
+        write_json(self.stamp_path(stage), stamp)
 
     # -- running --------------------------------------------------------
 
@@ -442,7 +429,13 @@ class Pipeline:
                     )
                     self._print("    $ " + self.format_command(step.argv))
                     t = time.time()
-                    output = pipeline.run(step.argv, log_file=log, show=step.show)
+                    output = run_command(
+                        step.argv,
+                        log_file=log,
+                        show=step.show,
+                        progress=step.progress() if step.progress else None,
+                        out=self.out,
+                    )
                     if step.on_output is not None:
                         step.on_output(output, time.time() - t)
                 else:
@@ -453,7 +446,14 @@ class Pipeline:
                     raise RuntimeError(
                         f"stage {stage.name} did not write {tmp_path(out)}"
                     )
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, CommandError):
+                self._print(
+                    f"    stage {stage.name} failed: exit code {e.returncode}; "
+                    f"last {len(e.tail)} lines of {e.log_file}:"
+                )
+                for line in e.tail:
+                    self._print("    | " + line.rstrip("\n"))
             # nothing half-written is left under a final name; a resumable
             # stage keeps its .partial outputs for the next run
             if not stage.resumable:

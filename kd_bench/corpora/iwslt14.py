@@ -1,22 +1,21 @@
-"""IWSLT'14 de-en: the distillation table with transformer_iwslt_de_en sizes (GPU).
+"""IWSLT'14 de-en, downloaded and split as fairseq's example does (GPU preset).
 
-Same stages as ``examples/multi30k`` (see ``fairseq_kd/recipe.py``); the data
+Same stages as every corpus (``kd_bench/plan.py``); the data
 are downloaded and split the way fairseq's IWSLT'14 example does it (train
 minus every 23rd line; valid = every 23rd line; test = dev2010, TEDX.dev2012,
 tst2010, tst2011 and tst2012), kept cased and untokenised: sentencepiece
 segments the raw text and sacreBLEU scores detokenised output. Usage::
 
-    bash examples/iwslt14/run.sh --dry-run
-    bash examples/iwslt14/run.sh            # on a GPU machine with internet access
+    python -m kd_bench iwslt14 --dry-run
+    python -m kd_bench iwslt14           # on a GPU machine with internet access
 """
 
 import os
 import re
 
-from fairseq_kd import recipe
-from fairseq_kd.recipe_data import clean_pairs, download, extract, write_pairs
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from kd_bench.corpus import Corpus
+from kd_bench.data import clean_pairs, download, extract, normalise_line, write_pairs
+from kd_bench.preset import Curve, Preset, TrainSettings, transformer_arch
 
 # fairseq's mirror of the WIT3 2014-01 de-en archive (the original host,
 # wit3.fbk.eu, no longer serves it); the URL is the one fairseq's
@@ -39,7 +38,7 @@ def _train_lines(path):
         for line in f:
             if _DROP.search(line):
                 continue
-            yield _STRIP.sub("", line).strip()
+            yield normalise_line(_STRIP.sub("", line))
 
 
 def _xml_segments(path):
@@ -83,37 +82,17 @@ PRESETS = {
     # One GPU. Teacher: transformer_iwslt_de_en's sizes (6+6 layers, d512,
     # FFN 1024, 4 heads) with fairseq's IWSLT'14 optimisation settings;
     # students: deep encoder, one decoder layer, d256.
-    "gpu": {
-        "vocab": 10000,
-        "limits": None,
-        "device": ["--fp16"],
-        "teacher_arch": recipe.transformer_arch(6, 6, 512, 1024, 4),
-        "teacher_train": {
-            "updates": 40000,
-            "lr": "5e-4",
-            "warmup": 4000,
-            "max_tokens": 4096,
-            "dropout": 0.3,
-        },
-        "student_arch": recipe.transformer_arch(6, 1, 256, 1024, 4),
-        "student_train": {
-            "updates": 30000,
-            "lr": "7e-4",
-            "warmup": 4000,
-            "max_tokens": 4096,
-            "dropout": 0.1,
-        },
-        "row_updates": {},
-        "kd_alpha": 0.5,
-        "kd_temperature": 1.0,
-        "topk": 8,
-        "tool_max_tokens": 16000,
-        "distill_beam": 5,
-        "distill_nbest": 5,
-        "distill_extra": ["--max-len-a", "1.2", "--max-len-b", "10"],
-        "gen_batch_size": 128,
-        "gen_cpu": False,  # 6,750 test sentences: translated on the GPU
-    },
+    "gpu": Preset(
+        vocab=10000,
+        device=("--fp16",),
+        teacher_arch=transformer_arch(6, 6, 512, 1024, 4),
+        teacher_train=TrainSettings(40000, "5e-4", 4000, 4096, 0.3),
+        student_arch=transformer_arch(6, 1, 256, 1024, 4),
+        student_train=TrainSettings(30000, "7e-4", 4000, 4096, 0.1),
+        tool_max_tokens=16000,
+        gen_cpu=False,  # 6,750 test sentences: translated on the GPU
+        curve=Curve("seq-kd+word-kd", every=7500),
+    ),
 }
 
 REFERENCE = """\
@@ -127,21 +106,16 @@ rows with each other, and the teacher with that range. Kim & Rush (2016)
 report their word/sequence-KD table on WMT'14 English→German and IWSLT'15
 Thai→English, not on IWSLT'14."""
 
-DATASET = recipe.Dataset(
+CORPUS = Corpus(
     key="iwslt14",
     title="IWSLT'14",
-    folder=HERE,
     src="de",
     tgt="en",
     splits={"train": "train", "valid": "valid", "test": "test"},
     eval_sets={"test": "test", "valid": "valid"},
     presets=PRESETS,
     default_preset="gpu",
-    local_data=lambda args: args.data,
     fetch=fetch,
     fetch_describe=f"IWSLT'14 de-en from {URL}, split as fairseq's example does",
     reference=REFERENCE,
 )
-
-if __name__ == "__main__":
-    recipe.entry(DATASET)

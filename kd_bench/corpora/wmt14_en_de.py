@@ -1,23 +1,22 @@
-"""WMT'14 English-German: the distillation table with Transformer-base sizes (GPU).
+"""WMT'14 English-German (Vaswani et al.'s data), Transformer-base sizes (GPU).
 
-Same stages as ``examples/multi30k`` (see ``fairseq_kd/recipe.py``). The data
+Same stages as every corpus (``kd_bench/plan.py``). The data
 are the WMT'14 training corpora used by Vaswani et al. (2017): Europarl v7,
 Common Crawl and News Commentary v9 (about 4.5M pairs), newstest2013 as
 valid and newstest2014 (full, 3,003 sentences) as test; kept cased and
 untokenised (sentencepiece segments raw text, sacreBLEU scores detokenised
 output). Usage::
 
-    bash examples/wmt14_en_de/run.sh --dry-run
-    bash examples/wmt14_en_de/run.sh          # on a GPU machine with internet access
+    python -m kd_bench wmt14_en_de --dry-run
+    python -m kd_bench wmt14_en_de       # on a GPU machine with internet access
 """
 
 import os
 import re
 
-from fairseq_kd import recipe
-from fairseq_kd.recipe_data import clean_pairs, download, extract, write_pairs
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from kd_bench.corpus import Corpus
+from kd_bench.data import clean_pairs, download, extract, write_pairs
+from kd_bench.preset import Curve, Preset, TrainSettings, transformer_arch
 
 # (archive URL, path of the corpus inside it without the ".<lang>" suffix)
 TRAIN = {
@@ -89,39 +88,17 @@ PRESETS = {
     # GPUs. Teacher: Transformer base (6+6, d512, FFN 2048, 8 heads), 25k
     # tokens per update as in Vaswani et al. (4096 x update-freq 6 on one GPU;
     # divide update_freq by the number of GPUs). Students: 6+1 layers, d512.
-    "gpu": {
-        "vocab": 32000,
-        "limits": None,
-        "device": ["--fp16"],
-        "teacher_arch": recipe.transformer_arch(6, 6, 512, 2048, 8),
-        "teacher_train": {
-            "updates": 100000,
-            "lr": "7e-4",
-            "warmup": 4000,
-            "max_tokens": 4096,
-            "update_freq": 6,
-            "dropout": 0.1,
-        },
-        "student_arch": recipe.transformer_arch(6, 1, 512, 2048, 8),
-        "student_train": {
-            "updates": 60000,
-            "lr": "7e-4",
-            "warmup": 4000,
-            "max_tokens": 4096,
-            "update_freq": 6,
-            "dropout": 0.1,
-        },
-        "row_updates": {},
-        "kd_alpha": 0.5,
-        "kd_temperature": 1.0,
-        "topk": 8,
-        "tool_max_tokens": 16000,
-        "distill_beam": 5,
-        "distill_nbest": 5,
-        "distill_extra": ["--max-len-a", "1.2", "--max-len-b", "10"],
-        "gen_batch_size": 128,
-        "gen_cpu": False,  # 3,003 test sentences: translated on the GPU
-    },
+    "gpu": Preset(
+        vocab=32000,
+        device=("--fp16",),
+        teacher_arch=transformer_arch(6, 6, 512, 2048, 8),
+        teacher_train=TrainSettings(100000, "7e-4", 4000, 4096, 0.1, update_freq=6),
+        student_arch=transformer_arch(6, 1, 512, 2048, 8),
+        student_train=TrainSettings(60000, "7e-4", 4000, 4096, 0.1, update_freq=6),
+        tool_max_tokens=16000,
+        gen_cpu=False,  # 3,003 test sentences: translated on the GPU
+        curve=Curve("seq-kd+word-kd", every=15000),
+    ),
 }
 
 REFERENCE = """\
@@ -135,22 +112,17 @@ without distillation (abstract); Seq-KD + Seq-Inter + Word-KD reached 18.5
 BLEU. Expect the teacher near the Transformer-base figure and KD rows to
 close part of the teacher-student gap."""
 
-DATASET = recipe.Dataset(
+CORPUS = Corpus(
     key="wmt14_en_de",
     title="WMT'14",
-    folder=HERE,
     src="en",
     tgt="de",
     splits={"train": "train", "valid": "valid", "test": "test"},
     eval_sets={"test": "newstest2014", "valid": "newstest2013"},
     presets=PRESETS,
     default_preset="gpu",
-    local_data=lambda args: args.data,
     fetch=fetch,
     fetch_describe="WMT'14 en-de (Europarl v7, Common Crawl, News Commentary v9; "
     "newstest2013/2014) from statmt.org",
     reference=REFERENCE,
 )
-
-if __name__ == "__main__":
-    recipe.entry(DATASET)

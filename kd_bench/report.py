@@ -6,6 +6,8 @@ import json
 import os
 import platform
 
+from kd_bench.files import atomic_write, write_json
+
 OUTPUT_FILES = {
     "markdown": "RESULTS.md",
     "json": "results.json",
@@ -104,6 +106,8 @@ def build_results(scores, meta):
         for key in ("params", "train_seconds", "train_updates", "scores", "speed"):
             row[key] = m.get(key)
         row["ct2_int8"] = m.get("ct2_int8")
+        if spec["name"] != "teacher":
+            row["vs_teacher_beam5"] = against_teacher_beam5(m, teacher)
         row["speedup"] = {}
         for beam in BEAMS:
             mine, theirs = _get(m, "speed", "test", beam), _get(
@@ -111,9 +115,8 @@ def build_results(scores, meta):
             )
             row["speedup"][beam] = round(mine / theirs, 2) if mine and theirs else None
         rows.append(row)
-    results = {
-        k: v for k, v in meta.items() if k not in ("rows",)
-    }  # corpus, pair, preset, command, settings, reference...
+    # corpus, pair, preset, command, settings, goals' thresholds, reference...
+    results = {k: v for k, v in meta.items() if k not in ("rows",)}
     for key in (
         "date",
         "machine",
@@ -121,6 +124,7 @@ def build_results(scores, meta):
         "eval_sets",
         "seqkd",
         "seqkd_engines",
+        "curve",
         "stage_seconds",
     ):
         if key in scores:
@@ -130,7 +134,7 @@ def build_results(scores, meta):
         "chrf": scores.get("chrf_signature"),
     }
     results["rows"] = rows
-    results["goals"] = check_goals(rows)
+    results["goals"] = check_goals(rows, meta.get("goal_settings"))
     return results
 
 
@@ -138,51 +142,149 @@ def _bleu(row, split="test", beam="beam5"):
     return _get(row, "scores", split, beam, "bleu")
 
 
-def check_goals(rows):
-    """The benchmark's goals, each with a verdict and the figures behind it.
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
 
-    The best students are chosen on the valid set (BLEU, beam 5), never on
-    test. Returns a list of ``{"goal", "met", "detail"}``.
+
+def against_teacher_beam5(row, teacher):
+    """A row decoded greedily against the teacher's beam 5 (the deployment point).
+
+    Returns:
+        ``{"bleu_share": greedy BLEU / teacher's beam-5 BLEU (test),
+        "speedup": greedy sent/s / teacher's beam-5 sent/s (fairseq, test),
+        "ct2_speedup": the same in CTranslate2 int8}`` (None where unknown).
     """
+    ct2 = lambda r, b: _get(r, "ct2_int8", b, "sentences_per_second")  # noqa: E731
+    return {
+        "bleu_share": _ratio(_bleu(row, beam="beam1"), _bleu(teacher)),
+        "speedup": _ratio(
+            _get(row, "speed", "test", "beam1"), _get(teacher, "speed", "test", "beam5")
+        ),
+        "ct2_speedup": _ratio(ct2(row, "beam1"), ct2(teacher, "beam5")),
+    }
+
+
+def best_on_valid(rows, beam="beam5"):
+    """The row with the best valid BLEU at ``beam`` (None without rows)."""
+    return max(rows, key=lambda r: _bleu(r, "valid", beam) or -1) if rows else None
+
+
+def check_goals(rows, goals=None):
+    """The preset's goals, each with a verdict and the figures behind it.
+
+    The best students are chosen on the valid set, never on test.
+
+    Args:
+        rows: the results' rows.
+        goals: the preset's :class:`~kd_bench.preset.Goals` as a dict
+            (``min_gain``, ``min_teacher_share``, ``min_speedup_fairseq``,
+            ``min_speedup_ct2``; defaults for missing ones).
+
+    Returns:
+        A list of ``{"goal", "met", "detail"}``.
+    """
+    from kd_bench.preset import Goals
+
+    g = {**vars(Goals()), **(goals or {})}
     by_name = {r["name"]: r for r in rows}
     teacher, baseline = by_name.get("teacher"), by_name.get("baseline")
     students = [r for r in rows if r["name"] != "teacher"]
     kd = [r for r in students if r["name"] != "baseline"]
-    goals = []
+    out = []
     if baseline and kd:
         losers = [r["name"] for r in kd if (_bleu(r) or 0) <= (_bleu(baseline) or 0)]
-        goals.append(
+        out.append(
             {
-                "goal": "every KD student beats the baseline (BLEU, beam 5, test)",
+                "goal": "G1: every KD student beats the baseline (BLEU, beam 5, test)",
                 "met": not losers,
                 "detail": "all do" if not losers else "not: " + ", ".join(losers),
             }
         )
-        best = max(kd, key=lambda r: _bleu(r, "valid") or -1)
+        best = best_on_valid(kd)
         gain = (_bleu(best) or 0) - (_bleu(baseline) or 0)
-        goals.append(
+        out.append(
             {
-                "goal": "the best KD student (chosen on valid) gains >= +2 BLEU "
-                "(beam 5, test) over the baseline",
-                "met": gain >= 2,
+                "goal": "G2: the best KD student (chosen on valid) gains >= "
+                f"+{g['min_gain']:g} BLEU (beam 5, test) over the baseline",
+                "met": gain >= g["min_gain"],
                 "detail": f"{best['name']}: {gain:+.2f}",
             }
         )
     if teacher and students:
-        best = max(students, key=lambda r: _bleu(r, "valid") or -1)
-        ratio = (_bleu(best) or 0) / (_bleu(teacher) or float("inf"))
-        speedup = best["speedup"].get("beam5") or 0
-        goals.append(
+        best = best_on_valid(students, "beam1")
+        vs = against_teacher_beam5(best, teacher)
+        share, fast, ct2 = (
+            vs[k] or 0 for k in ("bleu_share", "speedup", "ct2_speedup")
+        )
+        out.append(
             {
-                "goal": "the best student (chosen on valid) keeps >= 95% of the "
-                "teacher's BLEU and translates >= 3x faster (fairseq, beam 5)",
-                "met": ratio >= 0.95 and speedup >= 3,
-                "detail": f"{best['name']}: {100 * ratio:.1f}% of the teacher's "
-                f"BLEU, {speedup:.2f}x its speed (greedy: "
-                f"{best['speedup'].get('beam1') or 0:.2f}x)",
+                "goal": "G3: the best student (chosen on valid, greedy) decoded "
+                f"greedily keeps >= {100 * g['min_teacher_share']:g}% of the "
+                "teacher's beam-5 BLEU and translates >= "
+                f"{g['min_speedup_fairseq']:g}x faster than the teacher's beam 5 "
+                f"in fairseq and >= {g['min_speedup_ct2']:g}x in CTranslate2 int8",
+                "met": share >= g["min_teacher_share"]
+                and fast >= g["min_speedup_fairseq"]
+                and ct2 >= g["min_speedup_ct2"],
+                "detail": f"{best['name']}: {100 * share:.1f}% of the teacher's "
+                f"beam-5 BLEU, {fast:.2f}x its speed in fairseq, {ct2:.2f}x in "
+                "CTranslate2 int8",
             }
         )
-    return goals
+    return out
+
+
+def summary_text(results):
+    """Teacher, the student without KD and the KD student best on valid.
+
+    The quickstart's printout: BLEU and chrF on test, sentences per second
+    (fairseq) and the speed-up over the teacher, with beam 5 and greedy.
+
+    Args:
+        results: the dict of :func:`build_results`.
+    """
+    rows = results["rows"]
+    by_name = {r["name"]: r for r in rows}
+    teacher = by_name.get("teacher")
+    kd = [r for r in rows if r["name"] not in ("teacher", "baseline")]
+    best = best_on_valid(kd)
+    chosen = [
+        ("teacher", teacher),
+        ("student without KD", by_name.get("baseline")),
+        (f"best KD on valid: {best['label']}" if best else "KD student", best),
+    ]
+    test = results.get("eval_sets", {}).get("test", "test")
+    lines = [
+        f"{test}: sacreBLEU / chrF, sentences/s (fairseq-generate, batch "
+        f"{results.get('settings', {}).get('gen_batch_size', '?')}), speed-up "
+        "over the teacher at the same beam",
+        f"{'model':<56} {'beam':>4} {'BLEU':>6} {'chrF':>6} {'sent/s':>7} "
+        f"{'speed-up':>8}",
+    ]
+    for label, r in chosen:
+        if r is None:
+            continue
+        for beam in BEAMS:
+            bleu = _get(r, "scores", "test", beam, "bleu")
+            chrf = _get(r, "scores", "test", beam, "chrf")
+            speed = _get(r, "speed", "test", beam)
+            up = _get(r, "speedup", beam)
+            cells = [
+                "–" if v is None else fmt.format(v)
+                for v, fmt in ((bleu, "{:.2f}"), (chrf, "{:.2f}"), (speed, "{:.0f}"))
+            ]
+            lines.append(
+                f"{label[:56]:<56} {beam[4:]:>4} {cells[0]:>6} {cells[1]:>6} "
+                f"{cells[2]:>7} {'–' if up is None else f'{up:.2f}x':>8}"
+            )
+    if best is not None and teacher is not None:
+        vs = against_teacher_beam5(best, teacher)
+        lines.append(
+            f"{best['name']} greedy against the teacher's beam 5: "
+            f"{100 * (vs['bleu_share'] or 0):.1f}% of its BLEU at "
+            f"{vs['speedup'] or 0:.2f}x its speed"
+        )
+    return "\n".join(lines)
 
 
 def _pair(row, *path, fmt="{:.1f}"):
@@ -190,6 +292,19 @@ def _pair(row, *path, fmt="{:.1f}"):
     if isinstance(values[0], dict) or isinstance(values[1], dict):
         values = [v.get("sentences_per_second") if v else None for v in values]
     return " / ".join("–" if v is None else fmt.format(v) for v in values)
+
+
+def _versus(vs):
+    if not vs:
+        return "–"
+    share, fast, ct2 = vs.get("bleu_share"), vs.get("speedup"), vs.get("ct2_speedup")
+    return (
+        ("–" if share is None else f"{100 * share:.0f}%")
+        + " / "
+        + ("–" if fast is None else f"{fast:.2f}×")
+        + ", "
+        + ("–" if ct2 is None else f"{ct2:.2f}×")
+    )
 
 
 def _duration(seconds):
@@ -213,6 +328,7 @@ def markdown_table(results):
         "sent/s greedy / beam 5",
         "speed-up vs teacher",
         "CTranslate2 int8 sent/s",
+        "greedy vs teacher beam 5: BLEU / speed-up fairseq, CT2",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results["rows"]:
@@ -235,6 +351,7 @@ def markdown_table(results):
             _pair(r, "speed", "test", fmt="{:.0f}"),
             _pair(r, "speedup", fmt="{:.2f}×"),
             _pair(r, "ct2_int8", fmt="{:.0f}") if r.get("ct2_int8") else "–",
+            _versus(r.get("vs_teacher_beam5")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -284,11 +401,15 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
         f"{sets.get('test', 'test')} (generation time as "
         f"fairseq reports it, model loading excluded), batch size "
         f"{settings.get('gen_batch_size', '?')} and at most "
-        f"{settings.get('gen_max_len', 200)} target tokens for every model; "
-        "speed-up = the "
+        f"{settings.get('max_len_a', '?')} × source length + "
+        f"{settings.get('max_len_b', '?')} target tokens for every model and "
+        "engine (fairseq's `--max-len-a`/`--max-len-b`); speed-up = the "
         "model's speed over the teacher's at the same beam. CTranslate2: the "
         "same checkpoint converted with `ct2-fairseq-converter --quantization "
-        "int8`, same sentences and batch size. Train time: wall time of "
+        "int8`, same sentences, batch size and length bound. The last column "
+        "puts each student decoded greedily against the teacher's beam 5 "
+        "(its share of the teacher's BLEU on test, its speed-up in fairseq and "
+        "in CTranslate2 int8). Train time: wall time of "
         "`fairseq-train` for the number of updates shown. Best models are "
         "chosen on valid, never on test.",
         "",
@@ -328,12 +449,42 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
         f"{settings.get('kd_temperature', '?')}, teacher top-"
         f"{settings.get('topk', '?')} (offline store and live alike)",
     ]
+    out += curve_section(results.get("curve"), settings.get("curve"))
     out += seqkd_section(results.get("seqkd"))
     out += engines_section(results.get("seqkd_engines"))
     out += stages_section(results.get("stage_seconds"))
     if results.get("reference"):
         out += ["", "## Published numbers to compare with", "", results["reference"]]
     return "\n".join(out) + "\n"
+
+
+def curve_section(curve, spec):
+    """Markdown lines on valid BLEU at intermediate checkpoints (empty without).
+
+    Args:
+        curve: ``{"points": [{"updates", "bleu", "chrf"}]}``.
+        spec: the preset's curve settings (``row``, ``every``, ``beam``).
+    """
+    if not curve or not curve.get("points"):
+        return []
+    spec = spec or {}
+    out = [
+        "",
+        "## Valid BLEU by training updates",
+        "",
+        f"Row `{spec.get('row', '?')}`, a checkpoint every "
+        f"{spec.get('every', '?')} updates, decoded with beam "
+        f"{spec.get('beam', '?')} on valid (stage `curve:{spec.get('row', '?')}`): "
+        "the update budget is chosen on this curve, never on test.",
+        "",
+        "| updates | BLEU valid | chrF valid |",
+        "| --- | --- | --- |",
+    ]
+    for point in curve["points"]:
+        out.append(
+            f"| {point['updates']} | {point['bleu']:.2f} | {point['chrf']:.1f} |"
+        )
+    return out
 
 
 def seqkd_section(seqkd):
@@ -374,7 +525,7 @@ def engines_section(engines):
     """Markdown lines on fairseq's generator against CTranslate2 (empty without).
 
     Args:
-        engines: what :func:`fairseq_kd.recipe.compare_engines` wrote.
+        engines: what :func:`kd_bench.evaluate.compare_engines` wrote.
     """
     if not engines:
         return []
@@ -495,10 +646,8 @@ def write_results(scores, meta, paths, existing_md=None):
         reading = extract_reading(open(existing_md, encoding="utf-8").read())
     for path in paths.values():
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(paths["json"], "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-        f.write("\n")
-    with open(paths["markdown"], "w", encoding="utf-8") as f:
+    write_json(paths["json"], results)
+    with atomic_write(paths["markdown"]) as f:
         f.write(
             render_markdown(
                 results,

@@ -1,0 +1,236 @@
+"""The harness's command line: ``python -m kd_bench CORPUS [options]``."""
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+
+from kd_bench import report
+from kd_bench.commands import ct2_available, plugin_dir
+from kd_bench.corpus import builtin_corpora, load_corpus
+from kd_bench.files import read_json
+from kd_bench.plan import Config, Paths, build_plan
+from kd_bench.preset import ROWS, select_rows
+from kd_bench.stage_runner import StageRunner
+
+
+def parse_args(corpus, argv=None):
+    """Command-line options of a recipe (after the corpus argument).
+
+    Args:
+        corpus: the :class:`~kd_bench.corpus.Corpus`.
+        argv: the options (default ``sys.argv[2:]``).
+    """
+    p = argparse.ArgumentParser(
+        prog=f"python -m kd_bench {corpus.key}",
+        description=f"{corpus.title}: the Kim & Rush distillation table, staged "
+        "and resumable (see docs/recipes.md for the stages)",
+    )
+    p.add_argument(
+        "--preset", default=corpus.default_preset, choices=list(corpus.presets)
+    )
+    p.add_argument("--src", default=corpus.src, help="source language code")
+    p.add_argument("--tgt", default=corpus.tgt, help="target language code")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="folder of raw parallel text named <stem>.<lang>[.gz] with stems "
+        + ", ".join(corpus.splits.values()),
+    )
+    if corpus.fetch is not None:
+        p.add_argument(
+            "--download",
+            action="store_true",
+            help=f"download the public data into WORK/raw ({corpus.fetch_describe})",
+        )
+    p.add_argument("--no-checksum", action="store_true", help="skip sha256 checks")
+    p.add_argument(
+        "--subword",
+        default="spm",
+        choices=["spm", "bpe"],
+        help="joint sentencepiece unigram (default) or subword-nmt BPE",
+    )
+    p.add_argument(
+        "--work-root",
+        default=os.path.join("work", corpus.key),
+        help="where the default work folders go (default: work/<corpus>)",
+    )
+    p.add_argument(
+        "--work",
+        default=None,
+        help="work folder (default: WORK_ROOT/<src>-<tgt>.<preset>.<subword>)",
+    )
+    p.add_argument(
+        "--results",
+        default=None,
+        help="where RESULTS.md, results.json and the plot go (default: WORK/results)",
+    )
+    p.add_argument(
+        "--rows",
+        default=None,
+        help="comma-separated student rows to run (default: the preset's rows, "
+        "else every enabled row; see --list)",
+    )
+    p.add_argument("--no-ct2", action="store_true", help="skip CTranslate2 speeds")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--from",
+        dest="start",
+        default=None,
+        help="rerun this stage (or group) and every later one",
+    )
+    group.add_argument(
+        "--only",
+        default=None,
+        help="run only these stages (names, groups or patterns such as "
+        "'student:*', comma-separated)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print every command, run nothing"
+    )
+    p.add_argument("--list", action="store_true", help="list stages and rows")
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="print the teacher, the student without KD and the KD student best "
+        "on valid when the table is written (the quickstart)",
+    )
+    return p.parse_args(argv)
+
+
+def resolve_raw(corpus, args, work):
+    """(raw folder, whether a fetch stage must produce it)."""
+    local = corpus.raw_folder(args)
+    if local is not None:
+        if not os.path.isdir(local):
+            raise SystemExit(f"--data {local}: no such folder")
+        return os.path.abspath(local), False
+    if corpus.fetch is None:
+        raise SystemExit(f"no {corpus.title} data: pass --data FOLDER")
+    return os.path.join(work, "raw"), True
+
+
+def reproduce_command(name, args, launcher=None):
+    """The one command that reproduces this configuration (non-defaults only).
+
+    Args:
+        name: the corpus argument as given.
+        args: the parsed options.
+        launcher: the command's start (default ``python -m kd_bench NAME``).
+    """
+    parts = shlex.split(launcher) if launcher else ["python", "-m", "kd_bench", name]
+    parts += ["--preset", args.preset]
+    for opt in ("src", "tgt", "subword", "rows"):
+        value = getattr(args, opt)
+        if value is not None and value != args.defaults.get(opt):
+            parts += [f"--{opt}", value]
+    if getattr(args, "download", False):
+        parts += ["--download"]
+    if args.results:
+        parts += ["--results", os.path.relpath(os.path.abspath(args.results))]
+    return shlex.join(parts)
+
+
+def make_config(name, argv=None):
+    """The :class:`~kd_bench.plan.Config` of a command line.
+
+    Args:
+        name: a built-in corpus key or a descriptor file.
+        argv: the options after it.
+    """
+    corpus = load_corpus(name)
+    args = parse_args(corpus, argv)
+    args.defaults = {
+        "src": corpus.src,
+        "tgt": corpus.tgt,
+        "subword": "spm",
+        "rows": None,
+    }
+    preset = corpus.presets[args.preset]
+    if args.src == args.tgt:
+        raise SystemExit(f"--src and --tgt are both {args.src}")
+    work = os.path.abspath(
+        args.work
+        or os.path.join(
+            args.work_root, f"{args.src}-{args.tgt}.{args.preset}.{args.subword}"
+        )
+    )
+    results = os.path.abspath(args.results or os.path.join(work, "results"))
+    raw, fetching = resolve_raw(corpus, args, work)
+    cfg = Config(
+        corpus=corpus,
+        preset_name=args.preset,
+        preset=preset,
+        src=args.src,
+        tgt=args.tgt,
+        subword=args.subword,
+        paths=Paths(work=work, raw=raw, results=results),
+        rows=select_rows(args.rows, preset.rows),
+        fetching=fetching,
+        checksum=not args.no_checksum,
+        use_ct2=not args.no_ct2 and ct2_available(),
+        command=reproduce_command(name, args, os.environ.get("KD_BENCH_LAUNCHER")),
+    )
+    return cfg, args
+
+
+def main(argv=None):
+    """Run (or print) a recipe; returns the :class:`~kd_bench.plan.Plan`.
+
+    Args:
+        argv: ``CORPUS [options]`` (default ``sys.argv[1:]``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit(
+            "usage: python -m kd_bench CORPUS [options]; CORPUS is one of "
+            f"{', '.join(builtin_corpora())} or a descriptor file (.py); "
+            "python -m kd_bench CORPUS --help for the options"
+        )
+    cfg, args = make_config(argv[0], argv[1:])
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger().setLevel(logging.WARNING)  # fairseq's import lowers it
+    plan = build_plan(cfg)
+    runner = StageRunner(
+        plan.stages,
+        stamp_dir=cfg.paths.stamps,
+        log_dir=cfg.paths.logs,
+        dry_run=args.dry_run,
+        aliases={"$WORK": cfg.paths.work, "$USER_DIR": plugin_dir()},
+    )
+    if args.list:
+        for stage in plan.stages:
+            print(f"{stage.name:<28} {stage.group}")
+        print("\nrows:")
+        for row in ROWS:
+            mark = "*" if row in plan.rows else " "
+            print(f" {mark} {row.name:<22} {row.label}")
+        return plan
+    print(
+        f"{cfg.corpus.title} {cfg.src}-{cfg.tgt}, preset {cfg.preset_name}, "
+        f"{cfg.subword}" + (" (dry run: nothing is executed)" if args.dry_run else ""),
+        flush=True,
+    )
+    print(f"WORK={shlex.quote(cfg.paths.work)}\nUSER_DIR={shlex.quote(plugin_dir())}")
+    if args.dry_run:
+        print("# outputs are written as X.partial and renamed to X on success")
+    start = time.time()
+    runner.run(start=args.start, only=args.only)
+    if args.dry_run:
+        return plan
+    print(f"all stages done in {time.time() - start:.0f}s; results: {plan.results}")
+    results_json = os.path.join(plan.results, report.OUTPUT_FILES["json"])
+    if args.summary and os.path.exists(results_json):
+        print("\n" + report.summary_text(read_json(results_json)))
+    return plan
+
+
+def entry(argv=None):
+    """The console script: :func:`main` with errors as one line and exit 1."""
+    try:
+        main(argv)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

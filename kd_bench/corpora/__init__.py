@@ -1,0 +1,1 @@
+"""The corpus descriptors shipped with the harness (one file per corpus)."""

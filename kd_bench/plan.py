@@ -1,0 +1,1032 @@
+"""The Kim & Rush distillation table as stages, built per stage family.
+
+:func:`build_plan` composes the builders below into the stages that
+:class:`kd_bench.stage_runner.StageRunner` runs::
+
+    fetch (only when the data must be downloaded)
+    normalise          raw text -> WORK/text/{train,valid,test}.{src,tgt}
+    subword            joint sentencepiece (or subword-nmt BPE) -> WORK/subword
+    binarize           fairseq-preprocess --joined-dictionary -> WORK/bin
+    teacher            fairseq-train -> WORK/models/teacher
+    seqkd:top|bleu     fairseq-kd-distill (teacher's best / Seq-Inter) -> WORK/seqkd/*
+    seqkd:engines      fairseq's generator vs CTranslate2 on a head of train
+    topk:SOURCE        fairseq-kd-dump-topk over each training corpus -> WORK/topk/*
+    student:ROW        fairseq-train, one per row of the table -> WORK/models/ROW
+    curve:ROW          valid BLEU at the curve row's intermediate checkpoints
+    translate:MODEL    fairseq-generate, greedy and beam 5, test and valid
+    ct2:MODEL          CTranslate2 int8, greedy and beam 5 (when installed)
+    score              sacreBLEU/chrF, parameters, training times -> WORK/scores.json
+    table              RESULTS.md, results.json, the BLEU-vs-speed plot
+"""
+
+import glob
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List
+
+from kd_bench import report
+from kd_bench.commands import (
+    ct2_convert_command,
+    generate_command,
+    post_process_symbol,
+    train_command,
+)
+from kd_bench.corpus import Corpus
+from kd_bench.data import (
+    encode_sentencepiece,
+    head_lines,
+    prepare_text,
+    train_sentencepiece,
+    verify_sha256,
+)
+from kd_bench.evaluate import (
+    EVAL_BEAMS,
+    compare_engines,
+    compute_scores,
+    ct2_translate,
+    save_translation,
+    score_curve,
+)
+from kd_bench.files import find_file, read_json, read_lines, write_json
+from kd_bench.preset import Preset, Row
+from kd_bench.process import Progress
+from kd_bench.stage_runner import Command, PyStep, Stage
+
+logger = logging.getLogger(__name__)
+
+#: Where ``fairseq-kd-distill --output DIR`` puts its binarized corpus, relative
+#: to DIR ("" when DIR itself is the binarized folder).
+DISTILL_BIN = "bin"
+
+#: Console scripts of the plugin that the recipes call.
+PLUGIN_TOOLS = ("fairseq-kd-dump-topk", "fairseq-kd-distill")
+
+#: Training corpora a row can use: "ref" is the original binarized data,
+#: "seqkd-top" the teacher's best beam hypothesis (sequence-level KD),
+#: "seqkd-bleu" the n-best entry closest to the reference (Seq-Inter).
+SEQKD_SELECT = {"seqkd-top": "top", "seqkd-bleu": "bleu"}
+
+
+@dataclass
+class Paths:
+    """Where every stage of one configuration reads and writes.
+
+    Args:
+        work: the work folder.
+        raw: the raw text folder (``WORK/raw`` when fetched).
+        results: where RESULTS.md, results.json and the plot go.
+    """
+
+    work: str
+    raw: str
+    results: str
+
+    def _w(self, *parts):
+        return os.path.join(self.work, *parts)
+
+    text = property(lambda self: self._w("text"))
+    subword = property(lambda self: self._w("subword"))
+    bin = property(lambda self: self._w("bin"))
+    stamps = property(lambda self: self._w("stamps"))
+    logs = property(lambda self: self._w("logs"))
+    nbest = property(lambda self: self._w("seqkd", "nbest"))
+    engines = property(lambda self: self._w("seqkd", "engines"))
+    engines_json = property(lambda self: self._w("seqkd", "engines", "engines.json"))
+    curve = property(lambda self: self._w("curve"))
+    scores = property(lambda self: self._w("scores.json"))
+
+    def model_dir(self, name):
+        """A model's folder (``teacher`` or a row's name)."""
+        return self._w("models", name)
+
+    def checkpoint(self, name):
+        """A model's final checkpoint."""
+        return os.path.join(self.model_dir(name), "checkpoint_last.pt")
+
+    def seqkd(self, select):
+        """The folder of a seq-KD corpus (``top``, ``bleu``)."""
+        return self._w("seqkd", select)
+
+    def topk(self, source):
+        """The teacher's top-k store of one training corpus."""
+        return self._w("topk", source)
+
+    def translations(self, name):
+        """A model's fairseq translations and speeds."""
+        return self._w("translations", name)
+
+    def ct2(self, name):
+        """A model's CTranslate2 model, translations and speeds."""
+        return self._w("ct2", name)
+
+
+@dataclass
+class Config:
+    """One configuration: corpus, preset, language pair, rows and paths.
+
+    Args:
+        corpus: the :class:`~kd_bench.corpus.Corpus`.
+        preset_name: the preset's name.
+        preset: the :class:`~kd_bench.preset.Preset`.
+        src: source language.
+        tgt: target language.
+        subword: ``spm`` or ``bpe``.
+        paths: the :class:`Paths`.
+        rows: the student rows.
+        fetching: whether a ``fetch`` stage downloads the raw text.
+        checksum: whether the raw files' sha256 is checked.
+        use_ct2: whether the CTranslate2 stages run.
+        command: the command that reproduces this configuration.
+    """
+
+    corpus: Corpus
+    preset_name: str
+    preset: Preset
+    src: str
+    tgt: str
+    subword: str
+    paths: Paths
+    rows: List[Row]
+    fetching: bool = False
+    checksum: bool = True
+    use_ct2: bool = False
+    command: str = ""
+
+    @property
+    def eval_sets(self):
+        """fairseq split -> its name in the table."""
+        return dict(self.corpus.eval_sets)
+
+
+@dataclass
+class Plan:
+    """The stages of one configuration and what they share."""
+
+    stages: List[Stage]
+    config: Config
+    models: Dict[str, str] = field(default_factory=dict)
+    train_data: Dict[str, str] = field(default_factory=dict)
+    stores: Dict[str, str] = field(default_factory=dict)
+    meta: Dict[str, object] = field(default_factory=dict)
+
+    work = property(lambda self: self.config.paths.work)
+    results = property(lambda self: self.config.paths.results)
+    rows = property(lambda self: self.config.rows)
+
+
+def generate(cfg, checkpoint, split, beam):
+    """The ``fairseq-generate`` command of one model, split and beam."""
+    return generate_command(
+        cfg.paths.bin,
+        checkpoint,
+        split,
+        beam,
+        cfg.src,
+        cfg.tgt,
+        cfg.preset,
+        cfg.subword,
+    )
+
+
+def mkdir_step(path):
+    """A step that creates a (temporary output) folder."""
+    return PyStep(f"mkdir {path}", lambda: os.makedirs(path, exist_ok=True))
+
+
+def save_train_time(save_dir, updates):
+    """``on_output`` of a training step: its wall time to ``train_time.json``."""
+
+    def save(output, seconds):
+        write_json(
+            os.path.join(save_dir, "train_time.json"),
+            {"seconds": round(seconds, 1), "updates": int(updates)},
+        )
+
+    return save
+
+
+def train_stage(cfg, name, data, arch, train, extra, inputs, group, more=()):
+    """A ``fairseq-train`` stage into ``WORK/models/NAME``.
+
+    Args:
+        cfg: the :class:`Config`.
+        name: the model's name (``teacher`` or a row's).
+        data: binarized training data.
+        arch: transformer size flags.
+        train: :class:`~kd_bench.preset.TrainSettings`.
+        extra: criterion/task flags.
+        inputs: the stage's inputs.
+        group: the stage's group.
+        more: flags appended after ``extra`` (intermediate checkpoints).
+    """
+    save = cfg.paths.model_dir(name)
+    device = list(cfg.preset.device)
+    flags = list(extra) + list(more)
+
+    def steps(tmp):
+        return [
+            Command(
+                train_command(
+                    data, tmp(save), arch, train, cfg.src, cfg.tgt, device, flags
+                ),
+                on_output=save_train_time(tmp(save), train.updates),
+                progress=lambda: Progress("train", train.updates, name),
+            )
+        ]
+
+    return Stage(
+        "teacher" if name == "teacher" else f"student:{name}",
+        outputs=[save],
+        inputs=list(inputs),
+        params={
+            "arch": list(arch),
+            "train": train.to_json(),
+            "extra": flags,
+            "dev": device,
+        },
+        steps=steps,
+        group=group,
+        resumable=True,
+    )
+
+
+# -- data ---------------------------------------------------------------------
+
+
+def raw_inputs(cfg):
+    """The raw files the ``normalise`` stage reads."""
+    corpus, raw = cfg.corpus, cfg.paths.raw
+    langs = (cfg.src, cfg.tgt)
+    if cfg.fetching:
+        return [
+            os.path.join(raw, f"{stem}.{lang}{corpus.fetched_suffix}")
+            for stem in corpus.splits.values()
+            for lang in langs
+        ]
+    found = []
+    for stem in corpus.splits.values():
+        for lang in langs:
+            path = find_file(raw, f"{stem}.{lang}")
+            if path is None:
+                raise SystemExit(
+                    f"no {stem}.{lang}[.gz] in {raw}: the {corpus.title} recipe "
+                    f"needs {', '.join(corpus.splits.values())} for {cfg.src} and "
+                    f"{cfg.tgt}"
+                )
+            found.append(path)
+    return found
+
+
+def data_stages(cfg):
+    """``fetch`` (downloads only), ``normalise``, ``subword``, ``binarize``."""
+    corpus, preset, p = cfg.corpus, cfg.preset, cfg.paths
+    src, tgt, j = cfg.src, cfg.tgt, os.path.join
+    splits = list(corpus.splits)
+    stages = []
+    if cfg.fetching:
+        stages.append(
+            Stage(
+                "fetch",
+                outputs=[p.raw],
+                params={"src": src, "tgt": tgt, "what": corpus.fetch_describe},
+                steps=lambda tmp: [
+                    PyStep(
+                        f"{corpus.fetch_describe} -> {tmp(p.raw)}",
+                        lambda: corpus.fetch(tmp(p.raw), src, tgt),
+                    )
+                ],
+                group="data",
+            )
+        )
+    check = cfg.checksum and bool(corpus.checksums)
+    stems = [f"{stem}.{lang}" for stem in corpus.splits.values() for lang in (src, tgt)]
+
+    stems_only = list(corpus.splits.values())
+
+    def normalise_steps(tmp):
+        steps = []
+        if check:
+            steps.append(
+                PyStep(
+                    f"check the sha256 of the raw {src}/{tgt} files in {p.raw}",
+                    lambda: verify_sha256(p.raw, corpus.checksums, stems),
+                )
+            )
+        steps.append(
+            PyStep(
+                f"normalise whitespace of {p.raw}/{{{','.join(stems_only)}}}"
+                f".{{{src},{tgt}}} -> {tmp(p.text)}/{{{','.join(splits)}}}.*",
+                lambda: prepare_text(
+                    p.raw, tmp(p.text), src, tgt, corpus.splits, preset.limits
+                ),
+            )
+        )
+        return steps
+
+    stages.append(
+        Stage(
+            "normalise",
+            outputs=[p.text],
+            inputs=raw_inputs(cfg),
+            params={
+                "src": src,
+                "tgt": tgt,
+                "splits": corpus.splits,
+                "limits": preset.limits,
+                "checksum": check,
+            },
+            steps=normalise_steps,
+            group="data",
+        )
+    )
+
+    def subword_steps(tmp):
+        out = tmp(p.subword)
+        if cfg.subword == "spm":
+            return [
+                mkdir_step(out),
+                PyStep(
+                    f"train a joint sentencepiece unigram model ({preset.vocab} "
+                    f"pieces) on {p.text}/train.{{{src},{tgt}}} -> {out}/spm.model",
+                    lambda: train_sentencepiece(
+                        p.text, j(out, "spm"), src, tgt, preset.vocab
+                    ),
+                ),
+                PyStep(
+                    f"encode {p.text}/* with {out}/spm.model -> {out}/*",
+                    lambda: encode_sentencepiece(
+                        j(out, "spm.model"), p.text, out, splits, (src, tgt)
+                    ),
+                ),
+            ]
+        steps = [
+            mkdir_step(out),
+            Command(
+                ["subword-nmt", "learn-joint-bpe-and-vocab"]
+                + ["--input", j(p.text, f"train.{src}"), j(p.text, f"train.{tgt}")]
+                + ["--symbols", preset.vocab, "--output", j(out, "bpe.codes")]
+                + [
+                    "--write-vocabulary",
+                    j(out, f"vocab.{src}"),
+                    j(out, f"vocab.{tgt}"),
+                ],
+                describe="joint BPE (subword-nmt) learnt on both sides of train",
+            ),
+        ]
+        for split in splits:
+            for lang in (src, tgt):
+                steps.append(
+                    Command(
+                        ["subword-nmt", "apply-bpe", "--codes", j(out, "bpe.codes")]
+                        + ["--vocabulary", j(out, f"vocab.{lang}")]
+                        + ["--vocabulary-threshold", "50"]
+                        + ["--input", j(p.text, f"{split}.{lang}")]
+                        + ["--output", j(out, f"{split}.{lang}")]
+                    )
+                )
+        return steps
+
+    stages.append(
+        Stage(
+            "subword",
+            outputs=[p.subword],
+            inputs=[p.text],
+            params={"subword": cfg.subword, "vocab": preset.vocab},
+            steps=subword_steps,
+            group="data",
+        )
+    )
+    stages.append(
+        Stage(
+            "binarize",
+            outputs=[p.bin],
+            inputs=[p.subword],
+            params={"joined": True},
+            steps=lambda tmp: [
+                Command(
+                    ["fairseq-preprocess", "--source-lang", src, "--target-lang", tgt]
+                    + ["--trainpref", j(p.subword, "train")]
+                    + ["--validpref", j(p.subword, "valid")]
+                    + ["--testpref", j(p.subword, "test"), "--destdir", tmp(p.bin)]
+                    + ["--joined-dictionary", "--workers", preset.workers]
+                )
+            ],
+            group="data",
+        )
+    )
+    return stages
+
+
+# -- teacher ------------------------------------------------------------------
+
+
+def teacher_stages(cfg):
+    """The teacher: label-smoothed cross-entropy on the references."""
+    preset, p = cfg.preset, cfg.paths
+    return [
+        train_stage(
+            cfg,
+            "teacher",
+            p.bin,
+            preset.teacher_arch,
+            preset.teacher_train,
+            ["--criterion", "label_smoothed_cross_entropy"],
+            inputs=[p.bin],
+            group="teacher",
+        )
+    ]
+
+
+# -- sequence-level KD --------------------------------------------------------
+
+
+def assemble_distilled(distill_dir, bin_dir, dest, src, tgt):
+    """A training folder: the distilled train split plus the original rest.
+
+    ``fairseq-kd-distill`` binarizes the distilled train split with the
+    teacher's dictionaries; fairseq-train also needs the valid split and the
+    dictionaries, taken from the original binarized folder.
+
+    Args:
+        distill_dir: the folder holding the distilled ``train.*.bin/.idx``.
+        bin_dir: the original binarized folder.
+        dest: the folder to create.
+        src: source language.
+        tgt: target language.
+    """
+    os.makedirs(dest, exist_ok=True)
+    pair = f"{src}-{tgt}"
+    for lang in (src, tgt):
+        mine = os.path.join(bin_dir, f"dict.{lang}.txt")
+        theirs = os.path.join(distill_dir, f"dict.{lang}.txt")
+        if os.path.exists(theirs) and open(theirs).read() != open(mine).read():
+            raise RuntimeError(
+                f"{theirs} differs from {mine}: the distilled corpus was not "
+                "binarized with the teacher's dictionaries"
+            )
+        shutil.copy(mine, dest)
+        for ext in ("bin", "idx"):
+            path = os.path.join(distill_dir, f"train.{pair}.{lang}.{ext}")
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"{path}: fairseq-kd-distill wrote no binarized train split "
+                    "there (see kd_bench.plan.DISTILL_BIN)"
+                )
+            shutil.copy(path, dest)
+    for name in os.listdir(bin_dir):
+        if name.startswith(("valid.", "test.")):
+            shutil.copy(os.path.join(bin_dir, name), dest)
+    return dest
+
+
+def distill_engine_flags(preset):
+    """``--engine``/``--threads`` of fairseq-kd-distill ([] for fairseq's)."""
+    from kd_bench.commands import ct2_available
+
+    if preset.distill_engine != "ctranslate2":
+        return []
+    if not ct2_available():
+        logger.warning(
+            "ctranslate2 is not installed: the seq-KD corpora are translated "
+            "with fairseq's generator instead (pip install -e '.[bench]')"
+        )
+        return []
+    return ["--engine", "ctranslate2", "--threads", str(preset.distill_threads)]
+
+
+def distill_flags(cfg, select):
+    """fairseq-kd-distill's search, selection, length bound and output flags."""
+    preset = cfg.preset
+    return (
+        ["--beam", preset.distill_beam, "--nbest", preset.distill_nbest]
+        + ["--select", select, "--post-process", post_process_symbol(cfg.subword)]
+        # the table's sentence-BLEU statistics (computed anyway by bleu/chrf)
+        + ["--nbest-stats"]
+        + ["--max-tokens", preset.tool_max_tokens]
+        + preset.length_flags()
+        + list(preset.device)
+    )
+
+
+def seqkd_stages(cfg):
+    """The seq-KD corpora the rows need, and the engines' comparison.
+
+    seq-KD and Seq-Inter select from the same n-best lists: ``seqkd:top`` runs
+    the teacher's beam search into ``WORK/seqkd/nbest`` (fairseq-kd-distill's
+    ``--work-dir``); ``seqkd:bleu`` finds every chunk translated there and only
+    selects, filters and writes its corpus.
+
+    Returns:
+        ``(stages, {training corpus: binarized folder})``.
+    """
+    preset, p, src, tgt, j = cfg.preset, cfg.paths, cfg.src, cfg.tgt, os.path.join
+    teacher = p.checkpoint("teacher")
+    train_data = {"ref": p.bin}
+    needed = {r.data for r in cfg.rows}
+    engine = distill_engine_flags(preset)
+    stages = []
+    for source, select in SEQKD_SELECT.items():
+        if source not in needed and not (
+            select == "top" and needed & set(SEQKD_SELECT)
+        ):
+            continue
+        out_dir = p.seqkd(select)
+        train_data[source] = j(out_dir, "data")
+
+        def steps(tmp, out_dir=out_dir, select=select):
+            out = tmp(out_dir)
+            nbest = tmp(p.nbest) if select == "top" else p.nbest
+            return [
+                Command(
+                    ["fairseq-kd-distill", p.bin, "--path", teacher]
+                    + ["--gen-subset", "train", "--output", out]
+                    + ["--work-dir", nbest]
+                    + engine
+                    + distill_flags(cfg, select),
+                    describe=(
+                        "the teacher's beam search over train, its best "
+                        "hypothesis (seq-KD)"
+                        if select == "top"
+                        else "the n-best entry closest to the reference (Seq-Inter),"
+                        " from the n-best lists seqkd:top translated"
+                    ),
+                    show=("summary",),
+                    progress=lambda: Progress("bar", label=f"seqkd:{select}"),
+                ),
+                PyStep(
+                    f"assemble {j(out, 'data')}: distilled train from "
+                    f"{j(out, DISTILL_BIN)}, valid/test and dictionaries from {p.bin}",
+                    lambda: assemble_distilled(
+                        j(out, DISTILL_BIN), p.bin, j(out, "data"), src, tgt
+                    ),
+                ),
+            ]
+
+        stages.append(
+            Stage(
+                f"seqkd:{select}",
+                outputs=[out_dir] + ([p.nbest] if select == "top" else []),
+                inputs=[p.bin, teacher] + ([p.nbest] if select != "top" else []),
+                params={
+                    "beam": preset.distill_beam,
+                    "nbest": preset.distill_nbest,
+                    "select": select,
+                    "length": preset.length_flags(),
+                    "max_tokens": preset.tool_max_tokens,
+                    "distill_bin": DISTILL_BIN,
+                    "engine": engine,
+                },
+                steps=steps,
+                group="seqkd",
+                resumable=True,
+            )
+        )
+    n = preset.distill_compare
+    if engine and n and len(stages):
+        stages.append(engines_stage(cfg, engine, n))
+    return stages, train_data
+
+
+def engines_stage(cfg, engine, n):
+    """fairseq's generator against CTranslate2 on the first ``n`` train sentences."""
+    p, src, tgt, j = cfg.paths, cfg.src, cfg.tgt, os.path.join
+    teacher = p.checkpoint("teacher")
+    flags = distill_flags(cfg, "top")  # the search seqkd:top runs
+    runs = {"fairseq": ["--engine", "fairseq"], "ctranslate2": engine}
+
+    def steps(tmp):
+        out = tmp(p.engines)
+        head = j(out, "head")
+        steps = [mkdir_step(head)]
+        for lang in (src, tgt):
+            steps.append(
+                PyStep(
+                    f"first {n} lines of {j(p.subword, f'train.{lang}')}",
+                    lambda lang=lang: head_lines(
+                        j(p.subword, f"train.{lang}"), j(head, f"train.{lang}"), n
+                    ),
+                )
+            )
+        steps.append(
+            Command(
+                ["fairseq-preprocess", "--source-lang", src, "--target-lang", tgt]
+                + ["--trainpref", j(head, "train"), "--destdir", j(out, "bin")]
+                + ["--srcdict", j(p.bin, f"dict.{src}.txt")]
+                + ["--tgtdict", j(p.bin, f"dict.{tgt}.txt")]
+                + ["--workers", cfg.preset.workers]
+            )
+        )
+        for name, engine_flags in runs.items():
+            steps.append(
+                Command(
+                    ["fairseq-kd-distill", j(out, "bin"), "--path", teacher]
+                    + ["--gen-subset", "train", "--output", j(out, name)]
+                    + ["--work-dir", j(out, name + ".work")]
+                    + engine_flags
+                    + flags,
+                    describe=f"the teacher's beam search over the first {n} train "
+                    f"sentences with the {name} engine",
+                    show=("summary",),
+                    progress=lambda name=name: Progress("bar", label=name),
+                )
+            )
+        steps.append(
+            PyStep(
+                f"compare the engines' speed and outputs -> {j(out, 'engines.json')}",
+                lambda: compare_engines(
+                    {e: j(out, e) for e in runs}, "train", tgt, j(out, "engines.json")
+                ),
+            )
+        )
+        return steps
+
+    return Stage(
+        "seqkd:engines",
+        outputs=[p.engines],
+        inputs=[p.subword, p.bin, teacher],
+        params={"sentences": n, "flags": flags, "engines": runs},
+        steps=steps,
+        group="seqkd",
+    )
+
+
+# -- offline word-KD: the teacher's top-k stores -------------------------------
+
+
+def topk_stages(cfg, train_data):
+    """One top-k store per training corpus used with offline word-KD.
+
+    Returns:
+        ``(stages, {training corpus: store})``.
+    """
+    preset, p = cfg.preset, cfg.paths
+    teacher = p.checkpoint("teacher")
+    stages, stores = [], {}
+    for source in sorted({r.data for r in cfg.rows if r.kd == "offline"}):
+        store, data_dir = p.topk(source), train_data[source]
+        stores[source] = store
+        stages.append(
+            Stage(
+                f"topk:{source}",
+                outputs=[store],
+                inputs=[data_dir, teacher],
+                params={"k": preset.topk, "max_tokens": preset.tool_max_tokens},
+                steps=lambda tmp, store=store, data_dir=data_dir, source=source: [
+                    Command(
+                        ["fairseq-kd-dump-topk", data_dir, "--path", teacher]
+                        + ["--gen-subset", "train", "--output", tmp(store)]
+                        + ["--k", preset.topk]
+                        + ["--max-tokens", preset.tool_max_tokens]
+                        + list(preset.device),
+                        describe=f"the teacher's top-{preset.topk} distributions "
+                        f"over {source} train",
+                        show=("summary",),
+                        progress=lambda: Progress("bar", label=f"topk:{source}"),
+                    )
+                ],
+                group="topk",
+                resumable=True,
+            )
+        )
+    return stages, stores
+
+
+# -- students -----------------------------------------------------------------
+
+
+def word_kd_flags(cfg, row, stores):
+    """The task/criterion flags of a row, and the inputs they add."""
+    preset, teacher = cfg.preset, cfg.paths.checkpoint("teacher")
+    if row.kd is None:
+        return ["--criterion", "label_smoothed_cross_entropy"] + list(row.flags), []
+    extra, inputs = ["--task", "translation_kd"], []
+    if row.kd == "offline":
+        extra += ["--teacher-topk", stores[row.data]]
+        inputs.append(stores[row.data])
+    else:
+        extra += ["--teacher-path", teacher, "--kd-topk", preset.topk]
+        inputs.append(teacher)
+    extra += ["--criterion", "word_kd", "--kd-alpha", preset.kd_alpha]
+    extra += ["--kd-temperature", preset.kd_temperature]
+    return extra + list(row.flags), inputs
+
+
+def curve_flags(cfg, row):
+    """Intermediate checkpoints of the curve row (none for other rows)."""
+    curve = cfg.preset.curve
+    if curve is None or curve.row != row.name:
+        return []
+    return ["--save-interval-updates", curve.every, "--keep-interval-updates", -1]
+
+
+def student_stages(cfg, train_data, stores):
+    """One ``student:ROW`` training per row.
+
+    Returns:
+        ``(stages, {row: checkpoint})``.
+    """
+    preset, stages, models = cfg.preset, [], {}
+    for row in cfg.rows:
+        data_dir = train_data[row.data]
+        extra, inputs = word_kd_flags(cfg, row, stores)
+        stages.append(
+            train_stage(
+                cfg,
+                row.name,
+                data_dir,
+                preset.student_arch,
+                preset.student_settings(row.name),
+                extra,
+                inputs=[data_dir] + inputs,
+                group="students",
+                more=curve_flags(cfg, row),
+            )
+        )
+        models[row.name] = cfg.paths.checkpoint(row.name)
+    return stages, models
+
+
+def curve_points(cfg, row):
+    """The updates at which the curve row is scored (its budget last)."""
+    curve, updates = cfg.preset.curve, cfg.preset.student_settings(row).updates
+    return sorted(set(range(curve.every, updates, curve.every)) | {updates})
+
+
+def curve_checkpoint(model_dir, updates, final):
+    """The checkpoint after ``updates`` (``checkpoint_*_U.pt``; last for the final).
+
+    Args:
+        model_dir: the row's folder.
+        updates: the update count.
+        final: the row's budget (its ``checkpoint_last.pt``).
+    """
+    if updates == final:
+        return os.path.join(model_dir, "checkpoint_last.pt")
+    found = glob.glob(os.path.join(model_dir, f"checkpoint_*_{updates}.pt"))
+    return found[0] if found else os.path.join(model_dir, f"checkpoint_*_{updates}.pt")
+
+
+def curve_stages(cfg):
+    """``curve:ROW``: valid BLEU of one row at its intermediate checkpoints."""
+    curve, p = cfg.preset.curve, cfg.paths
+    if curve is None or curve.row not in {r.name for r in cfg.rows}:
+        return []
+    model_dir = p.model_dir(curve.row)
+    points = curve_points(cfg, curve.row)
+    ref = os.path.join(p.text, f"valid.{cfg.tgt}")
+
+    def steps(tmp):
+        out = tmp(p.curve)
+        steps = [mkdir_step(out)]
+        for u in points:
+            ckpt = curve_checkpoint(model_dir, u, points[-1])
+            steps.append(
+                Command(
+                    generate(cfg, ckpt, "valid", curve.beam),
+                    on_output=save_translation(out, f"valid.{u}", ref),
+                    progress=lambda u=u: Progress(
+                        "translate", len(read_lines(ref)), f"valid, {u} updates"
+                    ),
+                )
+            )
+        steps.append(
+            PyStep(
+                f"sacreBLEU of each checkpoint on valid -> {out}/curve.json",
+                lambda: score_curve(
+                    {u: os.path.join(out, f"valid.{u}.txt") for u in points},
+                    ref,
+                    os.path.join(out, "curve.json"),
+                ),
+            )
+        )
+        return steps
+
+    return [
+        Stage(
+            f"curve:{curve.row}",
+            outputs=[p.curve],
+            inputs=[p.bin, model_dir, ref],
+            params={"curve": asdict(curve), "points": points},
+            steps=steps,
+            group="translate",
+        )
+    ]
+
+
+# -- evaluation ---------------------------------------------------------------
+
+
+def translate_stages(cfg, models):
+    """``translate:MODEL``: fairseq-generate, greedy and beam 5, every eval set."""
+    p, stages = cfg.paths, []
+    for name, ckpt in models.items():
+        out_dir = p.translations(name)
+
+        def steps(tmp, out_dir=out_dir, ckpt=ckpt, name=name):
+            out = tmp(out_dir)
+            steps = [mkdir_step(out)]
+            for split in cfg.eval_sets:
+                ref = os.path.join(p.text, f"{split}.{cfg.tgt}")
+                for beam in EVAL_BEAMS:
+                    steps.append(
+                        Command(
+                            generate(cfg, ckpt, split, beam),
+                            on_output=save_translation(out, f"{split}.beam{beam}", ref),
+                            progress=lambda ref=ref, split=split, beam=beam: Progress(
+                                "translate",
+                                len(read_lines(ref)),
+                                f"{name} {split} beam {beam}",
+                            ),
+                        )
+                    )
+            return steps
+
+        stages.append(
+            Stage(
+                f"translate:{name}",
+                outputs=[out_dir],
+                inputs=[p.bin, ckpt],
+                params={
+                    "beams": list(EVAL_BEAMS),
+                    "batch_size": cfg.preset.gen_batch_size,
+                    "cpu": cfg.preset.gen_cpu,
+                    "length": cfg.preset.length_flags(),
+                    "splits": list(cfg.eval_sets),
+                },
+                steps=steps,
+                group="translate",
+            )
+        )
+    return stages
+
+
+def ct2_stages(cfg, models):
+    """``ct2:MODEL``: CTranslate2 int8 on the test set, greedy and beam 5."""
+    if not cfg.use_ct2:
+        return []
+    p, preset, stages = cfg.paths, cfg.preset, []
+    test_src = os.path.join(p.subword, f"test.{cfg.src}")
+    for name, ckpt in models.items():
+        out_dir = p.ct2(name)
+
+        def steps(tmp, out_dir=out_dir, ckpt=ckpt):
+            out = tmp(out_dir)
+            model = os.path.join(out, "model")
+            return [
+                mkdir_step(out),
+                Command(ct2_convert_command(ckpt, p.bin, cfg.src, cfg.tgt, model)),
+                PyStep(
+                    f"translate {test_src} with CTranslate2 int8 on the CPU, "
+                    f"beams {list(EVAL_BEAMS)}, timed -> {out}",
+                    lambda: ct2_translate(
+                        model,
+                        test_src,
+                        out,
+                        EVAL_BEAMS,
+                        preset.gen_batch_size,
+                        post_process_symbol(cfg.subword),
+                        preset.max_len_a,
+                        preset.max_len_b,
+                    ),
+                ),
+            ]
+
+        stages.append(
+            Stage(
+                f"ct2:{name}",
+                outputs=[out_dir],
+                inputs=[ckpt, p.bin, test_src],
+                params={
+                    "quantization": "int8",
+                    "beams": list(EVAL_BEAMS),
+                    "batch_size": preset.gen_batch_size,
+                    "length": preset.length_flags(),
+                },
+                steps=steps,
+                group="ct2",
+            )
+        )
+    return stages
+
+
+# -- report -------------------------------------------------------------------
+
+
+def describe(cfg):
+    """What the results say about the configuration (``meta``)."""
+    preset = cfg.preset
+    return {
+        "recipe": cfg.corpus.key,
+        "corpus": cfg.corpus.title,
+        "pair": f"{cfg.src}-{cfg.tgt}",
+        "preset": cfg.preset_name,
+        "subword": cfg.subword,
+        "command": cfg.command,
+        "eval_sets": cfg.eval_sets,
+        "rows": [{"name": "teacher", "label": "teacher"}]
+        + [
+            {"name": r.name, "label": r.label, "data": r.data, "kd": r.kd}
+            for r in cfg.rows
+        ],
+        "goal_settings": asdict(preset.goals),
+        "settings": {
+            "teacher_arch": " ".join(map(str, preset.teacher_arch)),
+            "student_arch": " ".join(map(str, preset.student_arch)),
+            "teacher_train": preset.teacher_train.to_json(),
+            "student_train": preset.student_train.to_json(),
+            "row_updates": dict(preset.row_updates),
+            "kd_alpha": preset.kd_alpha,
+            "kd_temperature": preset.kd_temperature,
+            "topk": preset.topk,
+            "gen_batch_size": preset.gen_batch_size,
+            "max_len_a": preset.max_len_a,
+            "max_len_b": preset.max_len_b,
+            "gen_device": "cpu" if preset.gen_cpu else "gpu",
+            "vocab": preset.vocab,
+            "curve": asdict(preset.curve) if preset.curve else None,
+        },
+        "reference": cfg.corpus.reference,
+    }
+
+
+def report_stages(cfg, models, extra_inputs=()):
+    """``score`` (sacreBLEU/chrF, parameters, times) and ``table``."""
+    p, meta = cfg.paths, describe(cfg)
+    inputs = [os.path.join(p.text, f"{s}.{cfg.tgt}") for s in cfg.eval_sets]
+    inputs += [p.translations(n) for n in models]
+    inputs += [p.ct2(n) for n in models] if cfg.use_ct2 else []
+    inputs += list(models.values()) + list(extra_inputs)
+    inputs += [
+        os.path.join(os.path.dirname(c), "train_time.json") for c in models.values()
+    ]
+    outputs = {k: os.path.join(p.results, v) for k, v in report.OUTPUT_FILES.items()}
+    return [
+        Stage(
+            "score",
+            outputs=[p.scores],
+            inputs=inputs,
+            params={"models": list(models)},
+            steps=lambda tmp: [
+                PyStep(
+                    "sacreBLEU and chrF of every translation against the raw "
+                    f"references, parameters and training times -> {tmp(p.scores)}",
+                    lambda: compute_scores(
+                        p,
+                        models,
+                        cfg.eval_sets,
+                        cfg.tgt,
+                        report.environment(),
+                        tmp(p.scores),
+                    ),
+                )
+            ],
+            group="report",
+        ),
+        Stage(
+            "table",
+            outputs=list(outputs.values()),
+            inputs=[p.scores],
+            params={"meta": meta},
+            steps=lambda tmp: [
+                PyStep(
+                    f"write {', '.join(report.OUTPUT_FILES.values())} into {p.results}",
+                    lambda: report.write_results(
+                        read_json(p.scores),
+                        meta,
+                        {k: tmp(v) for k, v in outputs.items()},
+                        existing_md=outputs["markdown"],
+                    ),
+                )
+            ],
+            group="report",
+        ),
+    ]
+
+
+def build_plan(cfg):
+    """Every stage of one configuration, in order.
+
+    Args:
+        cfg: the :class:`Config`.
+    """
+    stages = data_stages(cfg) + teacher_stages(cfg)
+    seqkd, train_data = seqkd_stages(cfg)
+    topk, stores = topk_stages(cfg, train_data)
+    students, rows = student_stages(cfg, train_data, stores)
+    models = {"teacher": cfg.paths.checkpoint("teacher"), **rows}
+    curve = curve_stages(cfg)
+    extra = [cfg.paths.engines_json for s in seqkd if s.name == "seqkd:engines"]
+    extra += [os.path.join(cfg.paths.curve, "curve.json") for _ in curve]
+    stages += seqkd + topk + students + curve
+    stages += translate_stages(cfg, models) + ct2_stages(cfg, models)
+    stages += report_stages(cfg, models, extra)
+    return Plan(
+        stages=stages,
+        config=cfg,
+        models=models,
+        train_data=train_data,
+        stores=stores,
+        meta=describe(cfg),
+    )
