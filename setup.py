@@ -18,7 +18,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.8",
-    packages=find_packages(include=["fairseq_kd", "fairseq_kd.*"]),
+    packages=find_packages(
+        include=["fairseq_kd", "fairseq_kd.*", "kd_bench", "kd_bench.*"]
+    ),
     install_requires=[
         # Official fairseq 0.12.2 does not import on Python >= 3.11 (mutable
         # dataclass defaults); ve-fairseq is a drop-in fork with prebuilt wheels
@@ -47,6 +49,7 @@ setup(
             "fairseq-kd-dump-topk = fairseq_kd.dump_topk:cli_main",
             "fairseq-kd-export = fairseq_kd.export:cli_main",
             "fairseq-kd-merge-topk = fairseq_kd.dump_topk:merge_main",
+            "fairseq-kd-bench = kd_bench.cli:entry",
         ]
     },
     classifiers=[

@@ -184,11 +184,15 @@ def main(argv=None):
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
-        raise SystemExit(
+        usage = (
             "usage: python -m kd_bench CORPUS [options]; CORPUS is one of "
             f"{', '.join(builtin_corpora())} or a descriptor file (.py); "
             "python -m kd_bench CORPUS --help for the options"
         )
+        if argv and argv[0] in ("-h", "--help"):
+            print(usage)
+            raise SystemExit(0)
+        raise SystemExit(usage)
     cfg, args = make_config(argv[0], argv[1:])
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger().setLevel(logging.WARNING)  # fairseq's import lowers it
