@@ -76,15 +76,18 @@ class BinarizedCorpus:
         return len(self.src)
 
     def release(self):
-        """Drop the pages of the mapped ``.bin`` files read so far from this
+        """Drop the pages of the mapped ``.bin``/``.idx`` files read so far from this
         process's resident memory (the data stays in the page cache), so that
         a pass over the corpus does not grow the RSS."""
         import mmap
 
         for ds in (self.src, self.tgt):
-            buf = getattr(getattr(ds, "_bin_buffer_mmap", None), "_mmap", None)
-            if buf is not None and hasattr(buf, "madvise"):
-                buf.madvise(mmap.MADV_DONTNEED)
+            index = getattr(ds, "_index", None)  # the .idx file's sizes, pointers
+            for owner in (ds, index):
+                mapped = getattr(owner, "_bin_buffer_mmap", None)
+                buf = getattr(mapped, "_mmap", None)
+                if buf is not None and hasattr(buf, "madvise"):
+                    buf.madvise(mmap.MADV_DONTNEED)
 
     def describe(self) -> Optional[Dict]:
         """What the run config records of this input (None: ``DATA``'s own split)."""
