@@ -255,13 +255,7 @@ def read_scores(folder: str, chunk: int, ids: range) -> List[list]:
         ids: the corpus ids the chunk holds.
     """
     path = side_path(folder, chunk)
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    try:
-        header = json.loads(lines[0])
-        rows = [json.loads(line) for line in lines[1:]]
-    except (ValueError, IndexError) as e:
-        raise DistillError(f"{path} is not a valid backward-score file: {e}") from e
+    header, rows = parts.read_jsonl(path, "backward-score file")
     if header.get("chunk") != chunk or [r[0] for r in rows] != list(ids):
         raise DistillError(
             f"{path} does not hold the backward scores of chunk {chunk} "

@@ -112,6 +112,24 @@ def write_part(work_dir: str, chunk: int, ids: range, records: List[Dict], meta:
     atomic_write_text(part_path(work_dir, chunk), "\n".join(lines) + "\n")
 
 
+def read_jsonl(path: str, what: str):
+    """A header line and one JSON value a line after it, as written atomically.
+
+    Args:
+        path: the file.
+        what: what the file is (for the message).
+
+    Returns:
+        ``(header, rows)``.
+    """
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    try:
+        return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+    except (ValueError, IndexError) as e:
+        raise DistillError(f"{path} is not a valid {what}: {e}") from e
+
+
 def read_part(work_dir: str, chunk: int, ids: range):
     """Read and verify one chunk's part file.
 
@@ -124,13 +142,7 @@ def read_part(work_dir: str, chunk: int, ids: range):
         ``(header, records)``, records sorted by id.
     """
     path = part_path(work_dir, chunk)
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    try:
-        header = json.loads(lines[0])
-        records = [json.loads(line) for line in lines[1:]]
-    except (ValueError, IndexError) as e:
-        raise DistillError(f"{path} is not a valid part file: {e}") from e
+    header, records = read_jsonl(path, "part file")
     if header.get("chunk") != chunk or (header.get("first"), header.get("stop")) != (
         ids.start,
         ids.stop,
