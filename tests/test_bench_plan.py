@@ -845,3 +845,34 @@ def test_head_lines_refuses_a_short_file(tmp_path):
     assert (tmp_path / "b.txt").read_text() == "1\n2\n"
     with pytest.raises(ValueError, match="fewer than 4"):
         data.head_lines(str(src), str(tmp_path / "c.txt"), 4)
+
+
+def test_summary_shows_teacher_baseline_and_the_kd_student_best_on_valid():
+    scores = hand_made_scores()
+    # seq-kd is best on test, word-kd on valid: the summary must take valid's
+    seq_kd = scores["models"]["seq-kd"]["scores"]
+    seq_kd["test"]["beam5"]["bleu"] = 40.0
+    seq_kd["valid"]["beam5"]["bleu"] = 20.0
+    results = report.build_results(scores, hand_made_meta())
+    text = report.summary_text(results)
+    lines = text.splitlines()
+    assert lines[0].startswith("test_2016_flickr: sacreBLEU / chrF")
+    body = [line.split() for line in lines[2:-1]]
+    labels = [" ".join(cells[:-5]) for cells in body]
+    assert labels == [
+        "teacher",
+        "teacher",
+        "student without KD",
+        "student without KD",
+        "best KD on valid: word-KD",
+        "best KD on valid: word-KD",
+    ]
+    # beam, BLEU, chrF, sent/s, speed-up of word-kd greedy and beam 5 (test)
+    assert body[4][-5:] == ["1", "32.00", "50.00", "500", "3.12x"]
+    assert body[5][-5:] == ["5", "33.50", "52.00", "250", "3.12x"]
+    assert body[0][-5:] == ["1", "33.50", "50.00", "160", "1.00x"]
+    # the deployment point: greedy 32.0 / teacher's beam-5 35.0, 500 / 80 sent/s
+    assert lines[-1] == (
+        "word-kd greedy against the teacher's beam 5: 91.4% of its BLEU at 6.25x "
+        "its speed"
+    )

@@ -3,7 +3,6 @@
 import gzip
 import importlib.util
 import io
-import json
 import os
 import subprocess
 import sys
@@ -409,32 +408,3 @@ def test_a_folder_of_your_own_files_is_a_recipe(tmp_path):
     assert files.read_lines(str(work / "text" / "test.en")) == [
         data.normalise_line(x) for x in raw
     ]
-
-
-# -- the quickstart, on the harness ----------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(MULTI30K is None, reason="Multi30k is not on this machine")
-def test_quickstart_prints_teacher_baseline_and_the_best_kd_student(tmp_path):
-    script = os.path.join(REPO, "examples", "quickstart", "run.sh")
-    cmd = ["bash", script, "--preset", "tiny", "--work", str(tmp_path), "--no-ct2"]
-    cmd += ["--rows", "baseline,word-kd"]  # fewer rows: the test stays short
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    env["PATH"] = os.path.dirname(sys.executable) + ":" + env["PATH"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.load(open(tmp_path / "results" / "results.json"))
-    names = [r["name"] for r in results["rows"]]
-    assert names == ["teacher", "baseline", "word-kd"]
-    best = "word-kd"
-    summary = proc.stdout[proc.stdout.index("test_2016_flickr: sacreBLEU") :]
-    rows = [line for line in summary.splitlines() if line.split()[-2:-1]]
-    assert sum(line.startswith("teacher ") for line in rows) == 2  # greedy, beam 5
-    assert sum(line.startswith("student without KD") for line in rows) == 2
-    label = next(r["label"] for r in results["rows"] if r["name"] == best)
-    assert f"best KD on valid: {label}"[:56] in summary
-    assert "tok:13a" in results["signatures"]["bleu"]
-    # a rerun resumes: no stage runs again
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0 and "running (" not in proc.stdout
