@@ -13,6 +13,7 @@ from kd_bench.corpus import builtin_corpora, load_corpus
 from kd_bench.files import read_json
 from kd_bench.plan import Config, Paths, build_plan
 from kd_bench.preset import ROWS, select_rows
+from kd_bench.process import exit_on_termination
 from kd_bench.stage_runner import StageRunner
 
 
@@ -233,6 +234,7 @@ def main(argv=None):
 
 def entry(argv=None):
     """The console script: :func:`main` with errors as one line and exit 1."""
+    exit_on_termination()
     try:
         main(argv)
     except (RuntimeError, FileNotFoundError, ValueError) as e:

@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -176,6 +177,33 @@ def child_env():
     return env
 
 
+def stop_process(proc, grace=10.0):
+    """End a child process: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def exit_on_termination():
+    """SIGTERM and SIGHUP end the harness as Ctrl-C does: through its clean-up.
+
+    Python's default for them is to die at once, which would leave the running
+    command (a training, say) orphaned and still writing into the stage's
+    ``.partial`` outputs, where a rerun then trains beside it.
+    """
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit)
+
+
 def run_command(argv, log_file=None, show=(), progress=None, out=None):
     """Run a command; its output goes to ``log_file`` line by line, flushed.
 
@@ -208,18 +236,24 @@ def run_command(argv, log_file=None, show=(), progress=None, out=None):
             errors="replace",
             bufsize=1,
         )
-        for line in proc.stdout:  # universal newlines: tqdm's \r ends a line too
-            lines.append(line)
-            if log:
-                log.write(line)
-                log.flush()
-            if any(s in line for s in show):
-                print("    " + line.rstrip()[-150:], file=out, flush=True)
-            if progress is not None:
-                msg = progress.feed(line)
-                if msg:
-                    print(msg, file=out, flush=True)
-        proc.wait()
+        try:
+            for line in proc.stdout:  # universal newlines: tqdm's \r ends a line
+                lines.append(line)
+                if log:
+                    log.write(line)
+                    log.flush()
+                if any(s in line for s in show):
+                    print("    " + line.rstrip()[-150:], file=out, flush=True)
+                if progress is not None:
+                    msg = progress.feed(line)
+                    if msg:
+                        print(msg, file=out, flush=True)
+            proc.wait()
+        except BaseException:
+            # interrupted (Ctrl-C, SIGTERM): the command must not go on
+            # writing into the stage's outputs after the harness is gone
+            stop_process(proc)
+            raise
     finally:
         if log:
             log.close()

@@ -4,9 +4,11 @@ import gzip
 import importlib.util
 import io
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from conftest import MULTI30K, REPO
@@ -408,3 +410,47 @@ def test_a_folder_of_your_own_files_is_a_recipe(tmp_path):
     assert files.read_lines(str(work / "text" / "test.en")) == [
         data.normalise_line(x) for x in raw
     ]
+
+
+HARNESS_RUNNING_A_CHILD = textwrap.dedent("""
+    import sys
+    from kd_bench import cli
+    from kd_bench.process import run_command
+    child = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid()))"
+    child += "; time.sleep(120)"
+    # the console script's entry point, with a recipe that runs one long command
+    cli.main = lambda argv: run_command([sys.executable, "-c", child, sys.argv[1]])
+    cli.entry()
+""")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not running
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_terminated_harness_leaves_no_command_running(tmp_path, sig):
+    pid_file = tmp_path / "child.pid"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    harness = subprocess.Popen(
+        [sys.executable, "-c", HARNESS_RUNNING_A_CHILD, str(pid_file)], env=env
+    )
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    assert _alive(child)
+    harness.send_signal(sig)  # to the harness only, as `kill PID` does
+    assert harness.wait(timeout=30) != 0
+    deadline = time.time() + 15
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    alive = _alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the command went on after the harness was terminated"
