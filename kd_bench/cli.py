@@ -15,6 +15,7 @@ from kd_bench.plan import Config, Paths, build_plan
 from kd_bench.preset import ROWS, select_rows
 from kd_bench.process import exit_on_termination
 from kd_bench.stage_runner import StageRunner
+from kd_bench.teacher import given_teacher
 
 
 def parse_args(corpus, argv=None):
@@ -49,9 +50,42 @@ def parse_args(corpus, argv=None):
     p.add_argument("--no-checksum", action="store_true", help="skip sha256 checks")
     p.add_argument(
         "--subword",
-        default="spm",
+        default=None,
         choices=["spm", "bpe"],
         help="joint sentencepiece unigram (default) or subword-nmt BPE",
+    )
+    given = p.add_argument_group(
+        "bring your own teacher",
+        "distil an existing fairseq model instead of training a teacher: the "
+        "text is encoded with its subword model and binarized with its "
+        "dictionaries, which must fit its checkpoint",
+    )
+    given.add_argument(
+        "--teacher-checkpoint",
+        default=None,
+        metavar="PT",
+        help="the teacher's fairseq checkpoint (linked, not copied, into "
+        "WORK/models/teacher)",
+    )
+    given.add_argument(
+        "--teacher-dict-dir",
+        default=None,
+        metavar="DIR",
+        help="the folder of its dictionaries: dict.SRC.txt and dict.TGT.txt, or "
+        "one joined dict.txt",
+    )
+    subword = given.add_mutually_exclusive_group()
+    subword.add_argument(
+        "--teacher-spm",
+        default=None,
+        metavar="MODEL",
+        help="its sentencepiece model (implies --subword spm)",
+    )
+    subword.add_argument(
+        "--teacher-bpe-codes",
+        default=None,
+        metavar="CODES",
+        help="its subword-nmt BPE codes (implies --subword bpe)",
     )
     p.add_argument(
         "--work-root",
@@ -61,7 +95,8 @@ def parse_args(corpus, argv=None):
     p.add_argument(
         "--work",
         default=None,
-        help="work folder (default: WORK_ROOT/<src>-<tgt>.<preset>.<subword>)",
+        help="work folder (default: WORK_ROOT/<src>-<tgt>.<preset>.<subword>, "
+        "with .given after it for a teacher given with --teacher-checkpoint)",
     )
     p.add_argument(
         "--results",
@@ -123,12 +158,20 @@ def reproduce_command(name, args, launcher=None):
     """
     parts = shlex.split(launcher) if launcher else ["python", "-m", "kd_bench", name]
     parts += ["--preset", args.preset]
+    given = getattr(args, "teacher_checkpoint", None) is not None
     for opt in ("src", "tgt", "subword", "rows"):
         value = getattr(args, opt)
+        if opt == "subword" and given:
+            continue  # the teacher's subword model says
         if value is not None and value != args.defaults.get(opt):
             parts += [f"--{opt}", value]
     if getattr(args, "download", False):
         parts += ["--download"]
+    for opt in ("teacher_checkpoint", "teacher_dict_dir", "teacher_spm"):
+        if getattr(args, opt, None) is not None:
+            parts += ["--" + opt.replace("_", "-"), getattr(args, opt)]
+    if getattr(args, "teacher_bpe_codes", None) is not None:
+        parts += ["--teacher-bpe-codes", args.teacher_bpe_codes]
     if args.results:
         parts += ["--results", os.path.relpath(os.path.abspath(args.results))]
     return shlex.join(parts)
@@ -152,12 +195,11 @@ def make_config(name, argv=None):
     preset = corpus.presets[args.preset]
     if args.src == args.tgt:
         raise SystemExit(f"--src and --tgt are both {args.src}")
-    work = os.path.abspath(
-        args.work
-        or os.path.join(
-            args.work_root, f"{args.src}-{args.tgt}.{args.preset}.{args.subword}"
-        )
-    )
+    teacher = given_teacher(args, args.src, args.tgt)
+    args.subword = teacher.subword if teacher else args.subword or "spm"
+    folder = f"{args.src}-{args.tgt}.{args.preset}.{args.subword}"
+    folder += ".given" if teacher else ""
+    work = os.path.abspath(args.work or os.path.join(args.work_root, folder))
     results = os.path.abspath(args.results or os.path.join(work, "results"))
     raw, fetching = resolve_raw(corpus, args, work)
     cfg = Config(
@@ -173,6 +215,7 @@ def make_config(name, argv=None):
         checksum=not args.no_checksum,
         use_ct2=not args.no_ct2 and ct2_available(),
         command=reproduce_command(name, args, os.environ.get("KD_BENCH_LAUNCHER")),
+        teacher=teacher,
     )
     return cfg, args
 
@@ -215,7 +258,9 @@ def main(argv=None):
         return plan
     print(
         f"{cfg.corpus.title} {cfg.src}-{cfg.tgt}, preset {cfg.preset_name}, "
-        f"{cfg.subword}" + (" (dry run: nothing is executed)" if args.dry_run else ""),
+        f"{cfg.subword}"
+        + (f", teacher given: {cfg.teacher.checkpoint}" if cfg.teacher else "")
+        + (" (dry run: nothing is executed)" if args.dry_run else ""),
         flush=True,
     )
     print(f"WORK={shlex.quote(cfg.paths.work)}\nUSER_DIR={shlex.quote(plugin_dir())}")

@@ -28,7 +28,9 @@ def log_interval(updates):
     return max(1, min(50, int(updates) // 20))
 
 
-def train_command(data, save_dir, arch, train, src, tgt, device=(), extra=()):
+def train_command(
+    data, save_dir, arch, train, src, tgt, device=(), extra=(), joined=True
+):
     """The ``fairseq-train`` command line of one model.
 
     Args:
@@ -40,8 +42,11 @@ def train_command(data, save_dir, arch, train, src, tgt, device=(), extra=()):
         tgt: target language.
         device: ``--cpu``, ``--fp16``...
         extra: criterion/task flags.
+        joined: whether the data has one dictionary for both sides (all
+            embeddings shared; else only the decoder's input and output).
     """
     extra = list(extra)
+    share = "--share-all-embeddings" if joined else "--share-decoder-input-output-embed"
     return (
         ["fairseq-train", data, "--save-dir", save_dir]
         # the plugin on every run, KD or not: it stops fairseq's batch
@@ -51,7 +56,7 @@ def train_command(data, save_dir, arch, train, src, tgt, device=(), extra=()):
         + ["--source-lang", src, "--target-lang", tgt]
         + ["--arch", "transformer"]
         + list(arch)
-        + ["--share-all-embeddings", "--dropout", train.dropout]
+        + [share, "--dropout", train.dropout]
         + ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0"]
         + ["--lr", train.lr, "--lr-scheduler", "inverse_sqrt"]
         + ["--warmup-updates", train.warmup, "--weight-decay", "0.0001"]

@@ -5,6 +5,7 @@ import time
 
 from kd_bench.commands import max_decoding_length, parse_generate_output, parse_speed
 from kd_bench.files import read_json, read_lines, write_json, write_lines
+from kd_bench.teacher import read_given
 
 #: Beam sizes every model is evaluated with (1 is greedy search).
 EVAL_BEAMS = (1, 5)
@@ -32,7 +33,11 @@ def count_parameters(checkpoint):
     """
     from fairseq_kd.checkpoints import load_checkpoint
 
-    state = load_checkpoint(checkpoint, trusted_fallback=False)
+    return state_parameters(load_checkpoint(checkpoint, trusted_fallback=False))
+
+
+def state_parameters(state):
+    """Number of model parameters in a loaded fairseq checkpoint."""
     return sum(
         t.numel()
         for k, t in state["model"].items()
@@ -271,7 +276,11 @@ def compute_scores(paths, models, eval_sets, tgt, environment, out_path):
     }
     scores = {"models": {}, "eval_sets": dict(eval_sets), **environment}
     for name, ckpt in models.items():
-        entry = {"params": count_parameters(ckpt), "scores": {}, "speed": {}}
+        given = read_given(os.path.dirname(ckpt))  # a teacher not trained here
+        params = given["params"] if given else count_parameters(ckpt)
+        entry = {"params": params, "scores": {}, "speed": {}}
+        if given:
+            entry["given"] = {k: given[k] for k in ("checkpoint", "sha256")}
         timing = os.path.join(os.path.dirname(ckpt), "train_time.json")
         if os.path.exists(timing):
             entry.update({f"train_{k}": v for k, v in read_json(timing).items()})

@@ -7,7 +7,11 @@
     normalise          raw text -> WORK/text/{train,valid,test}.{src,tgt}
     subword            joint sentencepiece (or subword-nmt BPE) -> WORK/subword
     binarize           fairseq-preprocess --joined-dictionary -> WORK/bin
-    teacher            fairseq-train -> WORK/models/teacher
+    teacher            fairseq-train -> WORK/models/teacher; or, for a teacher
+                       given (--teacher-checkpoint), first of all: its
+                       dictionaries checked against its checkpoint, linked and
+                       copied there with its subword model, which subword and
+                       binarize then use
     seqkd:top|bleu     fairseq-kd-distill (teacher's best / Seq-Inter) -> WORK/seqkd/*
     seqkd:engines      fairseq's generator vs CTranslate2 on a head of train
     topk:SOURCE        fairseq-kd-dump-topk over each training corpus -> WORK/topk/*
@@ -24,7 +28,8 @@ import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from functools import partial
+from typing import Dict, List, Optional
 
 from kd_bench import report
 from kd_bench.commands import (
@@ -53,6 +58,13 @@ from kd_bench.files import find_file, read_json, read_lines, write_json
 from kd_bench.preset import Preset, Row
 from kd_bench.process import Progress
 from kd_bench.stage_runner import Command, PyStep, Stage
+from kd_bench.teacher import (
+    GIVEN_JSON,
+    SUBWORD_FILE,
+    GivenTeacher,
+    check_teacher,
+    install_teacher,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +151,8 @@ class Config:
         checksum: whether the raw files' sha256 is checked.
         use_ct2: whether the CTranslate2 stages run.
         command: the command that reproduces this configuration.
+        teacher: a :class:`~kd_bench.teacher.GivenTeacher` distilled instead of
+            training one (None: the ``teacher`` stage trains it).
     """
 
     corpus: Corpus
@@ -153,11 +167,17 @@ class Config:
     checksum: bool = True
     use_ct2: bool = False
     command: str = ""
+    teacher: Optional[GivenTeacher] = None
 
     @property
     def eval_sets(self):
         """fairseq split -> its name in the table."""
         return dict(self.corpus.eval_sets)
+
+    @property
+    def joined(self):
+        """Whether the binarized data has one dictionary for both sides."""
+        return self.teacher is None or self.teacher.joined
 
 
 @dataclass
@@ -195,6 +215,22 @@ def mkdir_step(path):
     return PyStep(f"mkdir {path}", lambda: os.makedirs(path, exist_ok=True))
 
 
+def teacher_file(cfg, name):
+    """A file of the teacher's folder (``WORK/models/teacher/NAME``)."""
+    return os.path.join(cfg.paths.model_dir("teacher"), name)
+
+
+def teacher_dict_flags(cfg):
+    """``(flags, inputs)``: the plugin tools' ``--teacher-dict-dir`` of a given teacher.
+
+    Both are empty for a teacher trained here (its checkpoint names its data).
+    """
+    if cfg.teacher is None:
+        return [], []
+    folder = cfg.paths.model_dir("teacher")
+    return ["--teacher-dict-dir", folder], [folder]
+
+
 def save_train_time(save_dir, updates):
     """``on_output`` of a training step: its wall time to ``train_time.json``."""
 
@@ -224,12 +260,24 @@ def train_stage(cfg, name, data, arch, train, extra, inputs, group, more=()):
     save = cfg.paths.model_dir(name)
     device = list(cfg.preset.device)
     flags = list(extra) + list(more)
+    params = {"arch": list(arch), "train": train.to_json(), "extra": flags}
+    params["dev"] = device
+    if not cfg.joined:
+        params["embeddings"] = "decoder"  # two dictionaries: no shared encoder's
 
     def steps(tmp):
         return [
             Command(
                 train_command(
-                    data, tmp(save), arch, train, cfg.src, cfg.tgt, device, flags
+                    data,
+                    tmp(save),
+                    arch,
+                    train,
+                    cfg.src,
+                    cfg.tgt,
+                    device,
+                    flags,
+                    joined=cfg.joined,
                 ),
                 on_output=save_train_time(tmp(save), train.updates),
                 progress=lambda: Progress("train", train.updates, name),
@@ -240,12 +288,7 @@ def train_stage(cfg, name, data, arch, train, extra, inputs, group, more=()):
         "teacher" if name == "teacher" else f"student:{name}",
         outputs=[save],
         inputs=list(inputs),
-        params={
-            "arch": list(arch),
-            "train": train.to_json(),
-            "extra": flags,
-            "dev": device,
-        },
+        params=params,
         steps=steps,
         group=group,
         resumable=True,
@@ -282,7 +325,7 @@ def raw_inputs(cfg):
 def data_stages(cfg):
     """``fetch`` (downloads only), ``normalise``, ``subword``, ``binarize``."""
     corpus, preset, p = cfg.corpus, cfg.preset, cfg.paths
-    src, tgt, j = cfg.src, cfg.tgt, os.path.join
+    src, tgt = cfg.src, cfg.tgt
     splits = list(corpus.splits)
     stages = []
     if cfg.fetching:
@@ -342,89 +385,192 @@ def data_stages(cfg):
         )
     )
 
-    def subword_steps(tmp):
-        out = tmp(p.subword)
-        if cfg.subword == "spm":
-            return [
-                mkdir_step(out),
-                PyStep(
-                    f"train a joint sentencepiece unigram model ({preset.vocab} "
-                    f"pieces) on {p.text}/train.{{{src},{tgt}}} -> {out}/spm.model",
-                    lambda: train_sentencepiece(
-                        p.text, j(out, "spm"), src, tgt, preset.vocab
-                    ),
-                ),
-                PyStep(
-                    f"encode {p.text}/* with {out}/spm.model -> {out}/*",
-                    lambda: encode_sentencepiece(
-                        j(out, "spm.model"), p.text, out, splits, (src, tgt)
-                    ),
-                ),
-            ]
-        steps = [
+    return stages + [subword_stage(cfg), binarize_stage(cfg)]
+
+
+def learned_subword_steps(cfg, tmp):
+    """A joint sentencepiece model or BPE codes learnt on train, and applied."""
+    preset, p, src, tgt, j = cfg.preset, cfg.paths, cfg.src, cfg.tgt, os.path.join
+    splits = list(cfg.corpus.splits)
+    out = tmp(p.subword)
+    if cfg.subword == "spm":
+        return [
             mkdir_step(out),
-            Command(
-                ["subword-nmt", "learn-joint-bpe-and-vocab"]
-                + ["--input", j(p.text, f"train.{src}"), j(p.text, f"train.{tgt}")]
-                + ["--symbols", preset.vocab, "--output", j(out, "bpe.codes")]
-                + [
-                    "--write-vocabulary",
-                    j(out, f"vocab.{src}"),
-                    j(out, f"vocab.{tgt}"),
-                ],
-                describe="joint BPE (subword-nmt) learnt on both sides of train",
+            PyStep(
+                f"train a joint sentencepiece unigram model ({preset.vocab} "
+                f"pieces) on {p.text}/train.{{{src},{tgt}}} -> {out}/spm.model",
+                lambda: train_sentencepiece(
+                    p.text, j(out, "spm"), src, tgt, preset.vocab
+                ),
+            ),
+            PyStep(
+                f"encode {p.text}/* with {out}/spm.model -> {out}/*",
+                lambda: encode_sentencepiece(
+                    j(out, "spm.model"), p.text, out, splits, (src, tgt)
+                ),
             ),
         ]
-        for split in splits:
-            for lang in (src, tgt):
-                steps.append(
-                    Command(
-                        ["subword-nmt", "apply-bpe", "--codes", j(out, "bpe.codes")]
-                        + ["--vocabulary", j(out, f"vocab.{lang}")]
-                        + ["--vocabulary-threshold", "50"]
-                        + ["--input", j(p.text, f"{split}.{lang}")]
-                        + ["--output", j(out, f"{split}.{lang}")]
-                    )
-                )
-        return steps
-
-    stages.append(
-        Stage(
-            "subword",
-            outputs=[p.subword],
-            inputs=[p.text],
-            params={"subword": cfg.subword, "vocab": preset.vocab},
-            steps=subword_steps,
-            group="data",
-        )
-    )
-    stages.append(
-        Stage(
-            "binarize",
-            outputs=[p.bin],
-            inputs=[p.subword],
-            params={"joined": True},
-            steps=lambda tmp: [
-                Command(
-                    ["fairseq-preprocess", "--source-lang", src, "--target-lang", tgt]
-                    + ["--trainpref", j(p.subword, "train")]
-                    + ["--validpref", j(p.subword, "valid")]
-                    + ["--testpref", j(p.subword, "test"), "--destdir", tmp(p.bin)]
-                    + ["--joined-dictionary", "--workers", preset.workers]
-                )
+    steps = [
+        mkdir_step(out),
+        Command(
+            ["subword-nmt", "learn-joint-bpe-and-vocab"]
+            + ["--input", j(p.text, f"train.{src}"), j(p.text, f"train.{tgt}")]
+            + ["--symbols", preset.vocab, "--output", j(out, "bpe.codes")]
+            + [
+                "--write-vocabulary",
+                j(out, f"vocab.{src}"),
+                j(out, f"vocab.{tgt}"),
             ],
-            group="data",
-        )
+            describe="joint BPE (subword-nmt) learnt on both sides of train",
+        ),
+    ]
+    for split in splits:
+        for lang in (src, tgt):
+            steps.append(
+                Command(
+                    ["subword-nmt", "apply-bpe", "--codes", j(out, "bpe.codes")]
+                    + ["--vocabulary", j(out, f"vocab.{lang}")]
+                    + ["--vocabulary-threshold", "50"]
+                    + ["--input", j(p.text, f"{split}.{lang}")]
+                    + ["--output", j(out, f"{split}.{lang}")]
+                )
+            )
+    return steps
+
+
+def given_subword_steps(cfg, tmp):
+    """The given teacher's sentencepiece model or BPE codes, applied."""
+    p, j, out = cfg.paths, os.path.join, tmp(cfg.paths.subword)
+    model = teacher_file(cfg, SUBWORD_FILE[cfg.subword])
+    splits, langs = list(cfg.corpus.splits), (cfg.src, cfg.tgt)
+    if cfg.subword == "spm":
+        encode = partial(encode_sentencepiece, model, p.text, out, splits, langs)
+        describe = f"encode {p.text}/* with the teacher's {model} -> {out}/*"
+        return [mkdir_step(out), PyStep(describe, encode)]
+    steps = [mkdir_step(out)]
+    for split in splits:
+        for lang in langs:
+            steps.append(
+                Command(
+                    ["subword-nmt", "apply-bpe", "--codes", model]
+                    + ["--input", j(p.text, f"{split}.{lang}")]
+                    + ["--output", j(out, f"{split}.{lang}")],
+                    describe=f"the teacher's BPE codes on {split}.{lang}",
+                )
+            )
+    return steps
+
+
+def subword_stage(cfg):
+    """``subword``: learnt on train, or the given teacher's model applied."""
+    p = cfg.paths
+    if cfg.teacher is None:
+        inputs, params = [p.text], {"subword": cfg.subword, "vocab": cfg.preset.vocab}
+        steps = partial(learned_subword_steps, cfg)
+    else:
+        model = teacher_file(cfg, SUBWORD_FILE[cfg.subword])
+        inputs, params = [p.text, model], {"subword": cfg.subword, "model": "given"}
+        steps = partial(given_subword_steps, cfg)
+    return Stage(
+        "subword",
+        outputs=[p.subword],
+        inputs=inputs,
+        params=params,
+        steps=steps,
+        group="data",
     )
-    return stages
+
+
+def dictionary_flags(cfg):
+    """``fairseq-preprocess``'s dictionary flags: learnt joined, or the teacher's."""
+    if cfg.teacher is None:
+        return ["--joined-dictionary"]
+    src_dict = teacher_file(cfg, f"dict.{cfg.src}.txt")
+    if cfg.joined:
+        return ["--srcdict", src_dict, "--joined-dictionary"]
+    return [
+        "--srcdict",
+        src_dict,
+        "--tgtdict",
+        teacher_file(cfg, f"dict.{cfg.tgt}.txt"),
+    ]
+
+
+def binarize_steps(cfg, tmp):
+    """``fairseq-preprocess`` of the subword text."""
+    p, j = cfg.paths, os.path.join
+    return [
+        Command(
+            ["fairseq-preprocess", "--source-lang", cfg.src, "--target-lang", cfg.tgt]
+            + ["--trainpref", j(p.subword, "train")]
+            + ["--validpref", j(p.subword, "valid")]
+            + ["--testpref", j(p.subword, "test"), "--destdir", tmp(p.bin)]
+            + dictionary_flags(cfg)
+            + ["--workers", cfg.preset.workers]
+        )
+    ]
+
+
+def binarize_stage(cfg):
+    """``binarize``: a joined dictionary learnt, or the given teacher's."""
+    p, params = cfg.paths, {"joined": cfg.joined}
+    inputs = [p.subword]
+    if cfg.teacher is not None:
+        params["dicts"] = "given"
+        inputs += [teacher_file(cfg, f"dict.{x}.txt") for x in (cfg.src, cfg.tgt)]
+    return Stage(
+        "binarize",
+        outputs=[p.bin],
+        inputs=inputs,
+        params=params,
+        steps=partial(binarize_steps, cfg),
+        group="data",
+    )
 
 
 # -- teacher ------------------------------------------------------------------
 
 
+def given_teacher_steps(cfg, tmp):
+    """Check the given teacher against its dictionaries; link and copy it."""
+    teacher, dest = cfg.teacher, tmp(cfg.paths.model_dir("teacher"))
+    name = os.path.basename(cfg.paths.checkpoint("teacher"))
+    check = partial(
+        check_teacher, teacher, cfg.src, cfg.tgt, os.path.join(dest, GIVEN_JSON)
+    )
+    install = partial(install_teacher, teacher, dest, name, cfg.src, cfg.tgt)
+    return [
+        mkdir_step(dest),
+        PyStep(
+            f"check that {teacher.checkpoint}'s embeddings fit the dictionaries "
+            f"of {teacher.dict_dir}; its path, sha256, parameters -> "
+            f"{dest}/{GIVEN_JSON}",
+            check,
+        ),
+        PyStep(
+            f"link {dest}/{name} to {teacher.checkpoint} (no copy); copy its "
+            "dictionaries and "
+            f"{os.path.basename(teacher.subword_model)} as {dest}/dict.*.txt, "
+            f"{SUBWORD_FILE[teacher.subword]}",
+            install,
+        ),
+    ]
+
+
 def teacher_stages(cfg):
-    """The teacher: label-smoothed cross-entropy on the references."""
+    """The teacher: trained with label-smoothed cross-entropy, or given."""
     preset, p = cfg.preset, cfg.paths
+    if cfg.teacher is not None:
+        return [
+            Stage(
+                "teacher",
+                outputs=[p.model_dir("teacher")],
+                inputs=cfg.teacher.inputs,
+                params={"given": True, "subword": cfg.teacher.subword},
+                steps=partial(given_teacher_steps, cfg),
+                group="teacher",
+            )
+        ]
     return [
         train_stage(
             cfg,
@@ -664,6 +810,7 @@ def topk_stages(cfg, train_data):
     preset, p = cfg.preset, cfg.paths
     teacher = p.checkpoint("teacher")
     stages, stores = [], {}
+    dict_flags, dict_inputs = teacher_dict_flags(cfg)
     for source in sorted({r.data for r in cfg.rows if r.kd == "offline"}):
         store, data_dir = p.topk(source), train_data[source]
         stores[source] = store
@@ -671,7 +818,7 @@ def topk_stages(cfg, train_data):
             Stage(
                 f"topk:{source}",
                 outputs=[store],
-                inputs=[data_dir, teacher],
+                inputs=[data_dir, teacher] + dict_inputs,
                 params={"k": preset.topk, "max_tokens": preset.tool_max_tokens},
                 steps=lambda tmp, store=store, data_dir=data_dir, source=source: [
                     Command(
@@ -679,7 +826,8 @@ def topk_stages(cfg, train_data):
                         + ["--gen-subset", "train", "--output", tmp(store)]
                         + ["--k", preset.topk]
                         + ["--max-tokens", preset.tool_max_tokens]
-                        + list(preset.device),
+                        + list(preset.device)
+                        + dict_flags,
                         describe=f"the teacher's top-{preset.topk} distributions "
                         f"over {source} train",
                         show=("summary",),
@@ -706,8 +854,9 @@ def word_kd_flags(cfg, row, stores):
         extra += ["--teacher-topk", stores[row.data]]
         inputs.append(stores[row.data])
     else:
-        extra += ["--teacher-path", teacher, "--kd-topk", preset.topk]
-        inputs.append(teacher)
+        dict_flags, dict_inputs = teacher_dict_flags(cfg)
+        extra += ["--teacher-path", teacher, "--kd-topk", preset.topk] + dict_flags
+        inputs += [teacher] + dict_inputs
     extra += ["--criterion", "word_kd", "--kd-alpha", preset.kd_alpha]
     extra += ["--kd-temperature", preset.kd_temperature]
     return extra + list(row.flags), inputs
@@ -917,7 +1066,7 @@ def ct2_stages(cfg, models):
 def describe(cfg):
     """What the results say about the configuration (``meta``)."""
     preset = cfg.preset
-    return {
+    meta = {
         "recipe": cfg.corpus.key,
         "corpus": cfg.corpus.title,
         "pair": f"{cfg.src}-{cfg.tgt}",
@@ -949,6 +1098,11 @@ def describe(cfg):
         },
         "reference": cfg.corpus.reference,
     }
+    if cfg.teacher is not None:  # not trained here: no architecture or budget
+        meta["teacher_given"] = cfg.teacher.describe()
+        meta["rows"][0]["label"] = "teacher (given)"
+        meta["settings"].update(teacher_arch=None, teacher_train=None, vocab=None)
+    return meta
 
 
 def report_stages(cfg, models, extra_inputs=()):
@@ -1011,7 +1165,10 @@ def build_plan(cfg):
     Args:
         cfg: the :class:`Config`.
     """
-    stages = data_stages(cfg) + teacher_stages(cfg)
+    if cfg.teacher is None:
+        stages = data_stages(cfg) + teacher_stages(cfg)
+    else:  # checked first: its subword model and dictionaries make the data
+        stages = teacher_stages(cfg) + data_stages(cfg)
     seqkd, train_data = seqkd_stages(cfg)
     topk, stores = topk_stages(cfg, train_data)
     students, rows = student_stages(cfg, train_data, stores)

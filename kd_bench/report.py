@@ -106,6 +106,8 @@ def build_results(scores, meta):
         for key in ("params", "train_seconds", "train_updates", "scores", "speed"):
             row[key] = m.get(key)
         row["ct2_int8"] = m.get("ct2_int8")
+        if m.get("given"):  # a teacher given, not trained here
+            row["given"] = m["given"]
         if spec["name"] != "teacher":
             row["vs_teacher_beam5"] = against_teacher_beam5(m, teacher)
         row["speedup"] = {}
@@ -365,6 +367,26 @@ def extract_reading(markdown):
     return inner.strip() or None
 
 
+def teacher_setup(results):
+    """The set-up lines of the subwords and the teacher (trained here or given)."""
+    settings, subword = results.get("settings", {}), results.get("subword", "?")
+    given = results.get("teacher_given")
+    if not given:
+        return [
+            f"- subwords: {subword}, {settings.get('vocab', '?')} joint",
+            f"- teacher: `{settings.get('teacher_arch', '')}`, "
+            f"{json.dumps(settings.get('teacher_train', {}))}",
+        ]
+    row = next((r for r in results.get("rows", []) if r["name"] == "teacher"), {})
+    sha = (row.get("given") or {}).get("sha256", "?")
+    return [
+        f"- subwords: {subword}, the teacher's own `{given['subword_model']}`",
+        f"- teacher: given, not trained by this run: `{given['checkpoint']}` "
+        f"(sha256 {sha}), its dictionaries from `{given['dict_dir']}` (the "
+        "students use them too)",
+    ]
+
+
 def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
     """The whole RESULTS.md text.
 
@@ -434,10 +456,9 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
         + (f", GPU {machine['gpu']}" if machine.get("gpu") else ""),
         f"- packages: {versions or '?'}",
         f"- sacreBLEU signature: `{sig.get('bleu')}`; chrF: `{sig.get('chrf')}`",
-        f"- subwords: {results.get('subword', '?')}, "
-        f"{settings.get('vocab', '?')} joint",
-        f"- teacher: `{settings.get('teacher_arch', '')}`, "
-        f"{json.dumps(settings.get('teacher_train', {}))}",
+    ]
+    out += teacher_setup(results)
+    out += [
         f"- students (all rows): `{settings.get('student_arch', '')}`, "
         f"{json.dumps(settings.get('student_train', {}))}"
         + (
