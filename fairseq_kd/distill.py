@@ -42,6 +42,13 @@ def add_distill_args(parser):
         help="distil a binarized source-only split (fairseq-preprocess "
         "--only-source --srcdict DATA/dict.SRC.txt) of this folder",
     )
+    g.add_argument(
+        "--distill-lang-pairs",
+        metavar="PAIRS",
+        help="with --task translation_multi_simple_epoch: the directions to "
+        "distil, comma-separated (default: every --lang-pairs direction); each "
+        "gets OUTPUT/SRC-TGT and OUTPUT/bin/SPLIT.SRC-TGT.*",
+    )
 
     g = parser.add_argument_group("distillation engine")
     g.add_argument("--engine", choices=tuple(ENGINES), default="fairseq",
@@ -172,7 +179,10 @@ def get_parser():
     generation group; ``--max-tokens``, ``--batch-size``, ``--gen-subset``,
     ``--num-shards`` and ``--shard-id`` from its dataset group; ``--cpu``,
     ``--fp16`` and ``--no-progress-bar`` from its common group; ``DATA``,
-    ``-s`` and ``-t`` from the translation task.
+    ``-s`` and ``-t`` from the translation task (with ``--task
+    translation_multi_simple_epoch``: ``--lang-pairs``, ``--langs``,
+    ``--encoder-langtok``, ``--decoder-langtok``, ``--lang-tok-style``... from
+    the multilingual task).
     """
     from fairseq import options
 

@@ -72,3 +72,31 @@ def topk_root(data_bin, teacher, tmp_path_factory):
     for split in ("train", "valid"):
         dump(data_bin, teacher, os.path.join(root, split), "--gen-subset", split)
     return root
+
+
+@pytest.fixture(scope="session")
+def multi_text(tmp_path_factory):
+    """The tiny multilingual corpus (de-en, cs-en, en-de) as text."""
+    from multi_corpus import write_corpus
+
+    return write_corpus(str(tmp_path_factory.mktemp("multi_text")))
+
+
+@pytest.fixture(scope="session")
+def multi_bin(multi_text, tmp_path_factory):
+    """Three directions (de-en, cs-en, en-de) binarized with one dictionary."""
+    from multi_corpus import binarize
+
+    return binarize(multi_text, str(tmp_path_factory.mktemp("multi_bin")))
+
+
+@pytest.fixture(scope="session")
+def multi_teacher(multi_bin, tmp_path_factory):
+    """A tiny teacher trained by stock translation_multi_simple_epoch (10 updates)."""
+    from multi_corpus import task_flags
+
+    save = str(tmp_path_factory.mktemp("multi_teacher"))
+    flags = ["--task", "translation_multi_simple_epoch", *task_flags()]
+    flags += ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+    corpus.train(multi_bin, save, flags, updates=10)
+    return os.path.join(save, "checkpoint_last.pt")

@@ -4,11 +4,11 @@ import os
 
 import pytest
 import torch
-from corpus import STUDENT_ARCH, TRAIN_FLAGS, USER_DIR, json_logs, run, train
+from corpus import STUDENT_ARCH, TRAIN_FLAGS, USER_DIR, json_logs, run
 from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fakes import FakeModel
-from multi_corpus import PAIRS, binarize, task_flags, write_corpus
+from multi_corpus import PAIRS, task_flags
 from topk_util import dump
 
 from fairseq_kd.checkpoints import load_teacher_ensemble
@@ -19,23 +19,6 @@ from fairseq_kd.topk_dataset import TEACHER_KEY
 from fairseq_kd.topk_store import TopKStore, TopKStoreMismatch
 
 TASK = "translation_multi_simple_epoch_kd"
-
-
-@pytest.fixture(scope="module")
-def multi_bin(tmp_path_factory):
-    """Three directions (de-en, cs-en, en-de) binarized with one dictionary."""
-    text = write_corpus(str(tmp_path_factory.mktemp("multi_text")))
-    return binarize(text, str(tmp_path_factory.mktemp("multi_bin")))
-
-
-@pytest.fixture(scope="module")
-def multi_teacher(multi_bin, tmp_path_factory):
-    """A tiny teacher trained by stock translation_multi_simple_epoch."""
-    save = str(tmp_path_factory.mktemp("multi_teacher"))
-    flags = ["--task", "translation_multi_simple_epoch", *task_flags()]
-    flags += ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
-    train(multi_bin, save, flags, updates=10)
-    return os.path.join(save, "checkpoint_last.pt")
 
 
 @pytest.fixture(scope="module")

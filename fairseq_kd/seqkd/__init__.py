@@ -3,6 +3,7 @@
 from fairseq_kd.seqkd import (  # noqa: F401
     backward,
     batching,
+    directions,
     engines,
     filters,
     inputs,

@@ -1,5 +1,7 @@
 """A distillation run: check options, translate this shard's chunks, then merge."""
 
+import copy
+import json
 import logging
 import os
 import signal
@@ -9,7 +11,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from fairseq_kd.seqkd import backward, filters, parts
+from fairseq_kd.seqkd import backward, directions, filters, parts
 from fairseq_kd.seqkd.engines import build_engine
 from fairseq_kd.seqkd.inputs import open_corpus
 from fairseq_kd.seqkd.merge import TOO_LONG, MergeLock, Selector, merge
@@ -96,10 +98,70 @@ def check_options(args):
     parts.shard_chunks(1, args.num_shards, args.shard_id)  # validates the pair
 
 
+#: engines that translate the directions of a multilingual teacher
+MULTILINGUAL_ENGINES = ("fairseq", "fake")
+
+
+def check_multilingual_options(args):
+    """Refuse what the multilingual task's distillation does not do (yet).
+
+    Args:
+        args: the ``fairseq-kd-distill`` options, ``--task
+            translation_multi_simple_epoch``.
+    """
+    if args.engine not in MULTILINGUAL_ENGINES:
+        raise DistillError(
+            f"--engine {args.engine} translates bilingual teachers only: with "
+            f"--task {args.task} use --engine fairseq (or distil one direction "
+            "of a bilingual teacher with --task translation)"
+        )
+    for option, value in (
+        ("--source-text", args.source_text),
+        ("--source-bin", args.source_bin),
+        ("--backward-path", args.backward_path),
+    ):
+        if value:
+            raise DistillError(
+                f"{option} is not supported with --task {args.task} yet: "
+                "it distils the binarized directions of DATA"
+            )
+    if getattr(args, "lang_tok_replacing_bos_eos", False):
+        raise DistillError(
+            "--lang-tok-replacing-bos-eos is not supported by fairseq-kd-distill: "
+            "the teacher must read the tags as separate tokens"
+        )
+    from fairseq import utils
+
+    if len(utils.split_paths(args.data)) > 1:
+        raise DistillError(
+            f"the multilingual task is distilled from one data folder: {args.data} "
+            "names several"
+        )
+
+
 def setup_task(args):
-    """The translation task over ``args.data``: the teacher's dictionaries."""
+    """The task over ``args.data``: the teacher's dictionaries (and directions).
+
+    ``--task translation_multi_simple_epoch`` (or ``..._kd``) sets up fairseq's
+    multilingual task from the options (``--lang-pairs``, ``--langs``,
+    ``--encoder-langtok``, ``--decoder-langtok``, ``--lang-tok-style``...);
+    otherwise a ``translation`` task over the language pair of ``args.data``.
+    """
     from fairseq.data import data_utils
     from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+    from fairseq_kd.multilingual import MULTILINGUAL_TASKS
+
+    if args.task in MULTILINGUAL_TASKS:
+        from fairseq import tasks
+
+        check_multilingual_options(args)
+        return tasks.setup_task(args)
+    if args.distill_lang_pairs:
+        raise DistillError(
+            "--distill-lang-pairs needs --task translation_multi_simple_epoch "
+            "(the multilingual task, with the teacher's --lang-pairs)"
+        )
 
     src, tgt = args.source_lang, args.target_lang
     if src is None or tgt is None:
@@ -160,9 +222,16 @@ def other_generation_options(args) -> Optional[Dict]:
     return out or None
 
 
-def run_config(args, corpus) -> Dict:
-    """The settings that determine the teacher's outputs (recorded in the work dir)."""
-    return {
+def run_config(args, corpus, direction=None) -> Dict:
+    """The settings that determine the teacher's outputs (recorded in the work dir).
+
+    Args:
+        args: the ``fairseq-kd-distill`` options.
+        corpus: the input.
+        direction: a multilingual direction's signature (its pair and
+            language tags), or None.
+    """
+    config = {
         "data": os.path.abspath(args.data),
         "split": args.gen_subset,
         "langs": [args.source_lang, args.target_lang],
@@ -182,6 +251,35 @@ def run_config(args, corpus) -> Dict:
         ),
         "chunk_size": args.chunk_size,
     }
+    if direction is not None:
+        config["direction"] = direction
+    return config
+
+
+class EngineCache:
+    """The run's translator, built when a chunk first needs it, once per process.
+
+    Args:
+        args: the ``fairseq-kd-distill`` options.
+        task: the task (dictionaries).
+        work_dir: the work folder handed to the engine (cached conversions).
+    """
+
+    def __init__(self, args, task, work_dir):
+        self.args, self.task, self.work_dir = args, task, work_dir
+        self.engine = None
+
+    def get(self, direction=None):
+        """The engine, set to translate ``direction`` (a multilingual one) if given.
+
+        Args:
+            direction: a :class:`~fairseq_kd.seqkd.directions.Direction`, or None.
+        """
+        if self.engine is None:
+            self.engine = build_engine(self.args, self.task, self.work_dir)
+        if direction is not None:
+            self.engine.set_direction(direction.source_tag, direction.target_tag)
+        return self.engine
 
 
 def _abort_hook():
@@ -190,12 +288,20 @@ def _abort_hook():
     return int(count), mode
 
 
-def translate_chunks(args, task, corpus, work_dir):
+def translate_chunks(args, task, corpus, work_dir, get_engine=None, desc=None):
     """Translate this shard's unfinished chunks into part files.
 
     Each record holds the sentence's id, subword source and reference (joined
     once from the token ids), the CRC-32 of its source (``src_crc``, checked
     at merge time), and the n-best hypotheses and scores.
+
+    Args:
+        args: the ``fairseq-kd-distill`` options.
+        task: the task (dictionaries).
+        corpus: the input.
+        work_dir: the work folder of the part files.
+        get_engine: a function giving the engine (default: one built here).
+        desc: what the progress bar names (default: the split).
 
     Returns:
         ``(chunks written, sentences translated, seconds)`` of this process.
@@ -213,13 +319,14 @@ def translate_chunks(args, task, corpus, work_dir):
         )
     if not todo:
         return 0, 0, 0.0
-    engine = build_engine(args, task, work_dir)
+    engine = get_engine() if get_engine else build_engine(args, task, work_dir)
     abort_after, abort_mode = _abort_hook()
     bar = tqdm(
         total=sum(len(ranges[k]) for k in mine),
         initial=done_sents,
         unit="sent",
-        desc=f"distill {args.gen_subset} shard {args.shard_id}/{args.num_shards}",
+        desc=f"distill {desc or args.gen_subset} shard "
+        f"{args.shard_id}/{args.num_shards}",
         disable=args.no_progress_bar,
         mininterval=1.0,
         smoothing=0.1,
@@ -309,8 +416,13 @@ class BackwardStep:
         )
 
 
-def log_summary(summary: Dict):
-    """Log the summary of a finished run, one fact per line."""
+def log_summary(summary: Dict, prefix: str = ""):
+    """Log the summary of a finished run, one fact per line.
+
+    Args:
+        summary: the merge's summary.
+        prefix: put before every line (a direction's ``de-en: ``).
+    """
     lines = [
         f"sentences: {summary['sentences']} in, {summary['output_pairs']} out "
         f"({summary['dropped']} dropped, {summary['replaced']} replaced by the "
@@ -326,11 +438,15 @@ def log_summary(summary: Dict):
         f"{summary['corpus_bleu_chosen']}",
     ]
     for line in lines:
-        logger.info(line)
+        logger.info(prefix + line)
 
 
 def distill(args) -> Optional[Dict]:
     """Run (a shard of) a distillation, and merge when every chunk is done.
+
+    With ``--task translation_multi_simple_epoch``, every direction of the
+    split (or those of ``--distill-lang-pairs``) is distilled in turn, see
+    :func:`distill_directions`.
 
     Args:
         args: parsed ``fairseq-kd-distill`` options.
@@ -338,25 +454,65 @@ def distill(args) -> Optional[Dict]:
     Returns:
         The summary when this process merged, else None.
     """
+    from fairseq_kd.multilingual import is_multilingual
+
     check_options(args)
     task = setup_task(args)
+    if is_multilingual(task):
+        return distill_directions(args, task)
     corpus = open_corpus(args, task, args.chunk_size)
     work_dir = args.work_dir or os.path.join(args.output, "work")
-    parts.check_config(work_dir, run_config(args, corpus))
+    directions.check_work_dir(work_dir, None, args.gen_subset)
+    summary = distill_corpus(
+        args, task, corpus, work_dir, EngineCache(args, task, work_dir)
+    )
+    if summary is not None:
+        logger.info(f"wrote {args.output} ({args.gen_subset}.summary.json)")
+    return summary
+
+
+def distill_corpus(
+    args, task, corpus, work_dir, engines, direction=None, layout=None
+) -> Optional[Dict]:
+    """Translate this shard's chunks of one corpus, and merge when all are done.
+
+    Args:
+        args: the options (a direction's copy, for a multilingual run).
+        task: the task (dictionaries).
+        corpus: the input.
+        work_dir: the corpus's work folder.
+        engines: the process's :class:`EngineCache`.
+        direction: a multilingual :class:`~fairseq_kd.seqkd.directions.Direction`.
+        layout: where the direction's binarized files go (see ``merge.merge``).
+
+    Returns:
+        The summary when this process merged, else None.
+    """
+    signature = direction.signature if direction is not None else None
+    parts.check_config(work_dir, run_config(args, corpus, signature))
     bwd = BackwardStep(args, task, work_dir) if args.backward_path else None
     ranges = parts.chunk_ranges(len(corpus), args.chunk_size)
     n_chunks = len(ranges)
     gen_stats = (0, 0, 0.0)
+    name = direction.pair if direction is not None else None
     if not args.merge:
-        gen_stats = translate_chunks(args, task, corpus, work_dir)
+        gen_stats = translate_chunks(
+            args,
+            task,
+            corpus,
+            work_dir,
+            lambda: engines.get(direction),
+            f"{args.gen_subset} {name}" if name else None,
+        )
         if bwd is not None:  # this shard's chunks, beside its other shards
             bwd.score(
                 ranges, parts.shard_chunks(n_chunks, args.num_shards, args.shard_id)
             )
     if not args.merge and len(parts.finished_chunks(work_dir, n_chunks)) < n_chunks:
         logger.info(
-            f"shard {args.shard_id} done; other shards are still missing chunks: "
-            "the last shard to finish merges (or run with --merge)"
+            f"shard {args.shard_id} done{' with ' + name if name else ''}; other "
+            "shards are still missing chunks: the last shard to finish merges (or "
+            "run with --merge)"
         )
         return None
     with MergeLock(os.path.join(work_dir, "merge.lock")) as lock:
@@ -373,7 +529,104 @@ def distill(args) -> Optional[Dict]:
             gen_stats,
             filter_config(args),
             bwd.folder if bwd is not None else None,
+            signature,
+            layout,
         )
-    log_summary(summary)
-    logger.info(f"wrote {args.output} ({args.gen_subset}.summary.json)")
+    log_summary(summary, f"{name}: " if name else "")
     return summary
+
+
+#: per-direction figures added up in a multilingual run's summary
+TOTALS = (
+    "sentences",
+    "output_pairs",
+    "dropped",
+    "replaced",
+    "not_top",
+    "source_tokens",
+    "target_tokens",
+    "generation_seconds",
+    "engine_seconds",
+)
+
+
+def distill_directions(args, task) -> Optional[Dict]:
+    """Distil the directions of a multilingual split, one corpus each.
+
+    Direction ``SRC-TGT`` is read from ``DATA/SPLIT.SRC-TGT.{SRC,TGT}``; the
+    teacher reads each source with the direction's source tag first and
+    starts its translation with the target tag, as fairseq's
+    ``translation_multi_simple_epoch`` gives them; the tag is not written.
+    Each direction has its own work folder, ``WORK/SRC-TGT`` (parts, config
+    recording the direction), its text ``OUTPUT/SRC-TGT/SPLIT.{SRC,TGT,ids}``
+    and summary, and its binarized files
+    ``OUTPUT/bin/SPLIT.SRC-TGT.{SRC,TGT}``, which ``fairseq-train OUTPUT/bin
+    --task translation_multi_simple_epoch`` reads with DATA's dictionaries.
+
+    Args:
+        args: parsed ``fairseq-kd-distill`` options.
+        task: the multilingual task.
+
+    Returns:
+        The run's summary (totals, and each direction's under ``directions``)
+        when every direction has been merged, else None.
+    """
+    split = args.gen_subset
+    chosen = directions.split_directions(
+        task, split, directions.parse_pairs(args.distill_lang_pairs)
+    )
+    work_root = args.work_dir or os.path.join(args.output, "work")
+    engines = EngineCache(args, task, work_root)
+    layout = {
+        "bin": os.path.join(args.output, "bin"),
+        "concat_bin": os.path.join(args.output, "concat", "bin"),
+    }
+    merged = 0
+    for direction in chosen:
+        d_args = copy.copy(args)
+        d_args.source_lang, d_args.target_lang = direction.src, direction.tgt
+        d_args.data = direction.data_path
+        d_args.output = os.path.join(args.output, direction.pair)
+        work_dir = os.path.join(work_root, direction.pair)
+        directions.check_work_dir(work_dir, direction.signature, split)
+        directions.check_recorded_direction(
+            os.path.join(d_args.output, f"{split}.summary.json"),
+            f"corpus {d_args.output}",
+            direction.signature,
+            split,
+        )
+        corpus = open_corpus(d_args, task, args.chunk_size, direction)
+        d_layout = dict(
+            layout, concat=os.path.join(args.output, "concat", direction.pair)
+        )
+        summary = distill_corpus(
+            d_args, task, corpus, work_dir, engines, direction, d_layout
+        )
+        merged += summary is not None
+    summaries = {}
+    for direction in chosen:
+        path = os.path.join(args.output, direction.pair, f"{split}.summary.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                summaries[direction.pair] = json.load(f)
+    if not merged or len(summaries) < len(chosen):
+        logger.info(
+            f"{len(summaries)} of {len(chosen)} directions merged so far: the run's "
+            "summary is written when all are"
+        )
+        return None
+    total = {
+        "split": split,
+        "lang_pairs": [d.pair for d in chosen],
+        **{k: round(sum(s[k] for s in summaries.values()), 2) for k in TOTALS},
+        "directions": summaries,
+    }
+    parts.atomic_write_text(
+        os.path.join(args.output, f"{split}.summary.json"),
+        json.dumps(total, indent=2) + "\n",
+    )
+    logger.info(
+        f"wrote {args.output}: {', '.join(total['lang_pairs'])} "
+        f"({split}.summary.json, bin/)"
+    )
+    return total

@@ -1,5 +1,6 @@
 """Translation engines behind one interface: source token ids in, n-best out."""
 
+import functools
 import zlib
 from typing import Dict, List, Tuple
 
@@ -13,7 +14,7 @@ from fairseq_kd.seqkd.parts import DistillError
 Hypothesis = Tuple[str, float]
 
 
-def token_string(dictionary, ids) -> str:
+def token_string(dictionary, ids, strip=None) -> str:
     """Subword tokens of ``ids`` joined by spaces, ``<s>`` and ``</s>`` left out.
 
     The same string as ``dictionary.string(ids)`` (no BPE post-processing), at
@@ -22,10 +23,16 @@ def token_string(dictionary, ids) -> str:
     Args:
         dictionary: a fairseq ``Dictionary``.
         ids: token ids (list, numpy array or tensor).
+        strip: more ids to leave out (a language tag), as
+            ``extra_symbols_to_ignore`` does.
     """
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
     symbols, eos, bos = dictionary.symbols, dictionary.eos_index, dictionary.bos_index
+    if strip:
+        return " ".join(
+            [symbols[i] for i in ids if i != eos and i != bos and i not in strip]
+        )
     return " ".join([symbols[i] for i in ids if i != eos and i != bos])
 
 
@@ -43,10 +50,24 @@ class Engine:
     """
 
     name = "engine"
+    #: whether the engine translates multilingual directions (see set_direction)
+    multilingual = False
 
     def __init__(self, args, task, work_dir):
         self.args, self.task, self.work_dir = args, task, work_dir
         self.max_source_positions = 1024
+        self.source_tag = self.target_tag = None
+
+    def set_direction(self, source_tag=None, target_tag=None):
+        """Translate a multilingual direction from now on.
+
+        Args:
+            source_tag: the source's language tag id (the sources handed to
+                :meth:`translate` already start with it), or None.
+            target_tag: the tag the decoder is given first (a forced prefix),
+                left out of the hypotheses, or None.
+        """
+        self.source_tag, self.target_tag = source_tag, target_tag
 
     def too_long(self, src_len: int) -> bool:
         """Whether a source of ``src_len`` tokens (with ``</s>``) is too long."""
@@ -75,15 +96,32 @@ class FairseqEngine(Engine):
     """
 
     name = "fairseq"
+    multilingual = True
 
     def __init__(self, args, task, work_dir):
         super().__init__(args, task, work_dir)
         from fairseq import utils
+        from fairseq.tasks import FairseqTask
 
+        from fairseq_kd import multilingual
         from fairseq_kd.checkpoints import load_teacher_ensemble
 
         self.use_cuda = torch.cuda.is_available() and not args.cpu
-        self.models = models = load_teacher_ensemble(args.path, task)
+        hooks = {}
+        is_multi = multilingual.is_multilingual(task)
+        if is_multi and not hasattr(task, "check_teacher_state"):  # fairseq's task
+            hooks = {
+                "check_state": functools.partial(
+                    multilingual.check_teacher_settings, task
+                ),
+                "find_dicts": functools.partial(
+                    multilingual.teacher_dictionaries, task
+                ),
+            }
+        try:
+            self.models = models = load_teacher_ensemble(args.path, task, **hooks)
+        except ValueError as e:
+            raise DistillError(f"--path: {e}") from e
         for model in models:
             if args.fp16:
                 model.half()
@@ -92,7 +130,13 @@ class FairseqEngine(Engine):
         self.max_source_positions = utils.resolve_max_positions(
             task.max_positions(), *[m.max_positions() for m in models]
         )[0]
-        self.generator = task.build_generator(models, args)
+        if is_multi:
+            # fairseq's multilingual build_generator wants one --target-lang; the
+            # tag is forced per direction here (prefix_tokens) and stripped as
+            # fairseq-generate strips it (symbols_to_strip_from_output)
+            self.generator = FairseqTask.build_generator(task, models, args)
+        else:
+            self.generator = task.build_generator(models, args)
         self.tgt_dict = task.target_dictionary
         src = task.source_dictionary
         self.pad, self.src_eos = src.pad(), src.eos()
@@ -118,12 +162,20 @@ class FairseqEngine(Engine):
                     "src_lengths": torch.as_tensor(lengths[batch]),
                 },
             }
+            prefix, strip = None, None
+            if self.target_tag is not None:  # as the multilingual inference_step
+                prefix = torch.full((len(batch), 1), self.target_tag, dtype=torch.long)
+                strip = {self.target_tag}
             if self.use_cuda:
                 sample = utils.move_to_cuda(sample)
-            hypos = self.generator.generate(self.models, sample)
+                prefix = prefix.cuda() if prefix is not None else None
+            hypos = self.generator.generate(self.models, sample, prefix_tokens=prefix)
             for j, hyps in zip(batch.tolist(), hypos):
                 out[j] = [
-                    (token_string(self.tgt_dict, h["tokens"].cpu()), float(h["score"]))
+                    (
+                        token_string(self.tgt_dict, h["tokens"].cpu(), strip),
+                        float(h["score"]),
+                    )
                     for h in hyps[: self.args.nbest]
                 ]
         return out
@@ -138,6 +190,7 @@ class FakeEngine(Engine):
     """
 
     name = "fake"
+    multilingual = True
 
     def __init__(self, args, task, work_dir):
         super().__init__(args, task, work_dir)
@@ -147,7 +200,8 @@ class FakeEngine(Engine):
         out = []
         for ids in sources:
             ids = np.asarray(ids, dtype=np.int32)
-            words = token_string(self.src_dict, ids).split()[::-1]
+            tags = {self.source_tag, self.target_tag} - {None}
+            words = token_string(self.src_dict, ids, tags).split()[::-1]
             jitter = (zlib.crc32(ids.tobytes()) % 1000) / 1000
             out.append(
                 [

@@ -13,8 +13,8 @@ from fairseq_kd.seqkd.parts import DistillError
 class Chunk(NamedTuple):
     """The sentences of one chunk, in corpus order."""
 
-    src_ids: List[np.ndarray]  # token ids, each ending with </s>
-    src: List[str]  # subword source lines
+    src_ids: List[np.ndarray]  # what the teacher reads, each ending with </s>
+    src: List[str]  # subword source lines (no language tag)
     ref: Optional[List[str]]  # subword references, None without a target side
     fingerprints: List[int]  # cheap identity of each source (see fingerprints)
 
@@ -41,9 +41,23 @@ class BinarizedCorpus:
         src_dict: the teacher's source dictionary.
         tgt_dict: the teacher's target dictionary.
         source_only: read only ``<split>.<src>-None.<src>`` (``--only-source``).
+        source_transform: a function from the source dataset to what the
+            teacher reads (a multilingual direction's: fairseq's
+            ``src_dataset_tranform_func``, which puts the language tag first);
+            the text, references and fingerprints stay the binarized ones.
     """
 
-    def __init__(self, folder, split, src, tgt, src_dict, tgt_dict, source_only=False):
+    def __init__(
+        self,
+        folder,
+        split,
+        src,
+        tgt,
+        src_dict,
+        tgt_dict,
+        source_only=False,
+        source_transform=None,
+    ):
         from fairseq.data import data_utils
 
         self.src_dict, self.tgt_dict = src_dict, tgt_dict
@@ -71,6 +85,7 @@ class BinarizedCorpus:
                 )
         self.has_reference = self.tgt is not None
         self.folder, self.source_only = os.path.abspath(folder), source_only
+        self.model_src = source_transform(self.src) if source_transform else None
 
     def __len__(self):
         return len(self.src)
@@ -97,15 +112,18 @@ class BinarizedCorpus:
 
     def chunk(self, ids: range) -> Chunk:
         """The sentences ``ids``."""
-        src_ids = [self.src[i].numpy() for i in ids]
+        raw = [self.src[i].numpy() for i in ids]
         ref = None
         if self.tgt is not None:
             ref = [token_string(self.tgt_dict, self.tgt[i]) for i in ids]
+        src_ids = raw
+        if self.model_src is not None:
+            src_ids = [self.model_src[i].numpy() for i in ids]
         out = Chunk(
             src_ids,
-            [token_string(self.src_dict, x) for x in src_ids],
+            [token_string(self.src_dict, x) for x in raw],
             ref,
-            [ids_fingerprint(x) for x in src_ids],
+            [ids_fingerprint(x) for x in raw],
         )
         self.release()
         return out
@@ -217,16 +235,33 @@ class TextCorpus:
         return [zlib.crc32(x) for x in self.raw_lines(ids)]
 
 
-def open_corpus(args, task, chunk_size):
+def open_corpus(args, task, chunk_size, direction=None):
     """The input named by the options: ``--source-text``, ``--source-bin`` or ``DATA``.
 
     Args:
         args: the ``fairseq-kd-distill`` options.
         task: the translation task (the teacher's dictionaries, from ``DATA``).
         chunk_size: sentences per chunk.
+        direction: a multilingual direction (see ``directions.split_directions``):
+            its binarized split, which the teacher reads with the direction's
+            source tag first, as fairseq's multilingual task gives it.
     """
     src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
     src, tgt = args.source_lang, args.target_lang
+    if direction is not None:
+        manager, spec = task.data_manager, direction.encoder_spec
+        src, tgt = direction.src, direction.tgt
+        return BinarizedCorpus(
+            direction.data_path,
+            args.gen_subset,
+            src,
+            tgt,
+            src_dict,
+            tgt_dict,
+            source_transform=lambda ds: manager.src_dataset_tranform_func(
+                src, tgt, ds, spec
+            ),
+        )
     if args.source_text:
         return TextCorpus(
             args.source_text, chunk_size, src_dict, args.spm_model, args.bpe_codes

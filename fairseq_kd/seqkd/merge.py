@@ -274,7 +274,17 @@ class MergeLock:
             os.remove(self.path)
 
 
-def merge(args, task, corpus, work_dir, gen_stats, fcfg, backward_dir=None) -> Dict:
+def merge(
+    args,
+    task,
+    corpus,
+    work_dir,
+    gen_stats,
+    fcfg,
+    backward_dir=None,
+    direction=None,
+    layout=None,
+) -> Dict:
     """Stream the part files in id order: verify, choose, filter, write, summarise.
 
     Memory holds one chunk's records, running counts, and (with
@@ -290,6 +300,12 @@ def merge(args, task, corpus, work_dir, gen_stats, fcfg, backward_dir=None) -> D
         fcfg: the degenerate-output bounds.
         backward_dir: the folder of every chunk's backward scores (see
             ``backward.score_chunks``), or None without the backward filter.
+        direction: a multilingual direction's signature (recorded in the
+            summary), or None.
+        layout: where a multilingual direction's files go: ``bin`` (the
+            binarized folder shared by the directions), ``concat`` and
+            ``concat_bin`` (the same for ``--concat-original``); default:
+            ``OUTPUT/bin``, ``OUTPUT/concat`` and ``OUTPUT/concat/bin``.
 
     Returns:
         The summary dict (also written to ``OUTPUT/<split>.summary.json``).
@@ -336,14 +352,21 @@ def merge(args, task, corpus, work_dir, gen_stats, fcfg, backward_dir=None) -> D
         selector.min_backward = backward_threshold(args, backward_dir, ranges)
     split, src, tgt = args.gen_subset, args.source_lang, args.target_lang
     d_src, d_tgt = task.source_dictionary, task.target_dictionary
+    layout = layout or {}
     writers = [
-        CorpusWriter(args.output, split, src, tgt, d_src, d_tgt, args.data, True)
-    ]
-    if args.concat_original:
-        concat_dir = os.path.join(args.output, "concat")
-        writers.append(
-            CorpusWriter(concat_dir, split, src, tgt, d_src, d_tgt, args.data)
+        CorpusWriter(
+            args.output, split, src, tgt, d_src, d_tgt, args.data, True,
+            bin_dir=layout.get("bin"),
         )
+    ]  # fmt: skip
+    if args.concat_original:
+        concat_dir = layout.get("concat") or os.path.join(args.output, "concat")
+        writers.append(
+            CorpusWriter(
+                concat_dir, split, src, tgt, d_src, d_tgt, args.data,
+                bin_dir=layout.get("concat_bin"),
+            )
+        )  # fmt: skip
     out, concat = writers[0], writers[-1] if args.concat_original else None
     gen_seconds = engine_seconds = 0.0
     engines, src_tokens, tgt_tokens = set(), 0, 0
@@ -401,6 +424,7 @@ def merge(args, task, corpus, work_dir, gen_stats, fcfg, backward_dir=None) -> D
         raise
     summary = {
         "split": split,
+        **({"direction": direction} if direction is not None else {}),
         "select": args.select,
         "on_degenerate": args.on_degenerate,
         "engines": sorted(e for e in engines if e),

@@ -47,15 +47,29 @@ class CorpusWriter:
         tgt_dict: dictionary that binarizes the target side.
         data_dir: the teacher's data folder (dictionaries, other splits).
         write_ids: also write ``<split>.ids``.
+        bin_dir: a binarized folder shared with other directions (a
+            multilingual corpus): :meth:`commit` moves this pair's files into
+            it one by one, beside the other directions' (default:
+            ``<folder>/bin``, replaced as a whole).
     """
 
     def __init__(
-        self, folder, split, src, tgt, src_dict, tgt_dict, data_dir, write_ids=False
+        self,
+        folder,
+        split,
+        src,
+        tgt,
+        src_dict,
+        tgt_dict,
+        data_dir,
+        write_ids=False,
+        bin_dir=None,
     ):
         from fairseq.data import indexed_dataset
 
         os.makedirs(folder, exist_ok=True)
         self.folder, self.split, self.data_dir = folder, split, data_dir
+        self.shared_bin = bin_dir is not None
         self.langs, self.pair = (src, tgt), f"{src}-{tgt}"
         self.dicts = (src_dict, tgt_dict)
         pid = os.getpid()
@@ -68,8 +82,10 @@ class CorpusWriter:
             k: open(f"{path}.tmp{pid}", "w", encoding="utf-8")
             for k, path in self.texts.items()
         }
-        self.bin_dir = os.path.join(folder, "bin")
+        self.bin_dir = bin_dir or os.path.join(folder, "bin")
         self.tmp_bin = f"{self.bin_dir}.tmp{pid}"
+        if self.shared_bin:  # beside other directions' writers of this process
+            self.tmp_bin = f"{self.bin_dir}.{self.pair}.tmp{pid}"
         shutil.rmtree(self.tmp_bin, ignore_errors=True)
         os.makedirs(self.tmp_bin)
         self.prefixes = [
@@ -137,6 +153,15 @@ class CorpusWriter:
                 )
         for k, path in self.texts.items():
             os.replace(self.files[k].name, path)
+        if self.shared_bin:
+            os.makedirs(self.bin_dir, exist_ok=True)
+            names = sorted(os.listdir(self.tmp_bin), key=lambda n: n.endswith(".idx"))
+            for name in names:  # each .idx after its .bin
+                os.replace(
+                    os.path.join(self.tmp_bin, name), os.path.join(self.bin_dir, name)
+                )
+            os.rmdir(self.tmp_bin)
+            return
         old = f"{self.bin_dir}.old{os.getpid()}"
         if os.path.exists(self.bin_dir):
             os.replace(self.bin_dir, old)
