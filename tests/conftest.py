@@ -72,3 +72,31 @@ def topk_root(data_bin, teacher, tmp_path_factory):
     for split in ("train", "valid"):
         dump(data_bin, teacher, os.path.join(root, split), "--gen-subset", split)
     return root
+
+
+@pytest.fixture(scope="session")
+def multi_text(tmp_path_factory):
+    """The tiny multilingual corpus (tests/multi_corpus.py): ``valid.de-en.de``..."""
+    import multi_corpus
+
+    return multi_corpus.write_corpus(str(tmp_path_factory.mktemp("multi_text")))
+
+
+@pytest.fixture(scope="session")
+def multi_data_bin(multi_text, tmp_path_factory):
+    """The tiny multilingual corpus binarized with one shared dictionary."""
+    import multi_corpus
+
+    return multi_corpus.binarize(multi_text, str(tmp_path_factory.mktemp("multi_bin")))
+
+
+@pytest.fixture(scope="session")
+def multi_teacher_checkpoint(multi_data_bin, tmp_path_factory):
+    """A tiny teacher trained by stock translation_multi_simple_epoch (10 updates)."""
+    import multi_corpus
+
+    save = str(tmp_path_factory.mktemp("multi_teacher"))
+    flags = ["--task", "translation_multi_simple_epoch", *multi_corpus.task_flags()]
+    flags += ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+    corpus.train(multi_data_bin, save, flags, updates=10)
+    return os.path.join(save, "checkpoint_last.pt")
