@@ -15,7 +15,10 @@ import torch
 logger = logging.getLogger("fairseq_kd.export")
 
 #: This package's tasks and criteria, and the stock ones an export names instead.
-STOCK_TASK = {"translation_kd": "translation"}
+STOCK_TASK = {
+    "translation_kd": "translation",
+    "translation_multi_simple_epoch_kd": "translation_multi_simple_epoch",
+}
 STOCK_CRITERION = {"word_kd": "label_smoothed_cross_entropy"}
 
 #: What a weights-only ``torch.load`` reads without any allow-listed class.
@@ -87,10 +90,54 @@ def _as_stock(component_cfg, stock_names, registry):
     return out, drop
 
 
+def _option_names(task_class):
+    """The ``dest`` of every option that an argparse task's ``add_args`` adds."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    task_class.add_args(parser)
+    return {action.dest for action in parser._actions}
+
+
+def _legacy_task_drop(name):
+    """The options of argparse task ``name`` (a plugin's) that its stock task lacks.
+
+    fairseq saves an argparse task's config (``translation_multi_simple_epoch``
+    is one) as the ``Namespace`` of every command-line option, so the plugin's
+    options are found as the ones its ``add_args`` adds beyond the stock task's.
+
+    Args:
+        name: the plugin task's registry name (a key of :data:`STOCK_TASK`).
+    """
+    from fairseq.tasks import TASK_REGISTRY
+
+    return _option_names(TASK_REGISTRY[name]) - _option_names(
+        TASK_REGISTRY[STOCK_TASK[name]]
+    )
+
+
+def _stock_flags(flags, drop, task, criterion):
+    """A legacy ``Namespace``-style dict of every option, stock-fairseq's.
+
+    Args:
+        flags: the options (a plain dict).
+        drop: option names to leave out (the plugin's).
+        task: the stock task's name.
+        criterion: the stock criterion's name (None: keep the flag's value).
+    """
+    out = {k: v for k, v in flags.items() if k not in drop}
+    out["task"] = task
+    if criterion is not None and "criterion" in out:
+        out["criterion"] = criterion
+    out["user_dir"] = None
+    return out
+
+
 def export_state(state):
     """The exported form of a loaded student checkpoint.
 
-    The task becomes stock ``translation`` (its fields only) and a plugin
+    The task becomes its stock counterpart (``translation_kd``:
+    ``translation``, its fields only; ``translation_multi_simple_epoch_kd``:
+    ``translation_multi_simple_epoch``, an argparse task whose config holds
+    every option: the plugin's own options are left out) and a plugin
     criterion becomes ``label_smoothed_cross_entropy`` with the same label
     smoothing; teacher and KD options, ``user_dir``, the optimizer state, the
     task's and the trainer's extra state are dropped; ``args`` is ``None`` and
@@ -108,20 +155,27 @@ def export_state(state):
     from fairseq.tasks import TASK_DATACLASS_REGISTRY
 
     cfg = _plain(state["cfg"], "cfg")
-    task, task_drop = _as_stock(cfg["task"], STOCK_TASK, TASK_DATACLASS_REGISTRY)
+    task_name = (cfg["task"] or {}).get("_name")
+    legacy_task = task_name in STOCK_TASK and task_name not in TASK_DATACLASS_REGISTRY
+    if legacy_task:
+        task, task_drop = dict(cfg["task"]), _legacy_task_drop(task_name)
+    else:
+        task, task_drop = _as_stock(cfg["task"], STOCK_TASK, TASK_DATACLASS_REGISTRY)
     criterion, criterion_drop = _as_stock(
         cfg.get("criterion"), STOCK_CRITERION, CRITERION_DATACLASS_REGISTRY
     )
+    criterion_name = None if criterion is None else criterion["_name"]
+    if legacy_task:
+        stock = STOCK_TASK[task_name]
+        task = _stock_flags(task, task_drop | criterion_drop, stock, criterion_name)
+        task["_name"] = stock
     cfg["task"], cfg["criterion"] = task, criterion
     cfg["common"]["user_dir"] = None
     model = cfg.get("model")
     if isinstance(model, dict) and "arch" in model:  # legacy options: every flag
-        model = {k: v for k, v in model.items() if k not in task_drop | criterion_drop}
-        model["task"] = task["_name"]
-        if criterion is not None and "criterion" in model:
-            model["criterion"] = criterion["_name"]
-        model["user_dir"] = None
-        cfg["model"] = model
+        cfg["model"] = _stock_flags(
+            model, task_drop | criterion_drop, task["_name"], criterion_name
+        )
     history = state.get("optimizer_history") or [{}]
     last = history[-1]
     criterion_name = last.get("criterion_name")
@@ -144,6 +198,86 @@ def export_state(state):
         "task_state": {},
         "extra_state": {"train_iterator": _plain(extra.get("train_iterator"))},
     }
+
+
+def is_multilingual(cfg):
+    """Whether an exported ``cfg`` is ``translation_multi_simple_epoch``'s."""
+    return (cfg.get("task") or {}).get("_name") == "translation_multi_simple_epoch"
+
+
+def multilingual_pair(task_cfg, source_lang=None, target_lang=None):
+    """A direction of a multilingual model, for its CTranslate2 conversion.
+
+    The multilingual task shares one dictionary across source languages and
+    one across target languages, so every direction converts to the same
+    CTranslate2 model; the converter reads the dictionaries of one
+    (``dict.SRC.txt``, ``dict.TGT.txt``). Default: the first of
+    ``--lang-pairs``.
+
+    Args:
+        task_cfg: the exported ``cfg["task"]``.
+        source_lang: the direction's source language, if given.
+        target_lang: its target language, if given.
+    """
+    from fairseq_kd.multilingual import _as_list
+
+    pairs = _as_list(task_cfg.get("lang_pairs")) or []
+    if (source_lang is None or target_lang is None) and not pairs:
+        raise ExportError(
+            "the multilingual checkpoint names no --lang-pairs: pass "
+            "--source-lang and --target-lang"
+        )
+    first = pairs[0].split("-") if pairs else (None, None)
+    return source_lang or first[0], target_lang or first[1]
+
+
+def _dictionary_path(path, data_dir, option):
+    """A dictionary file the checkpoint names, or its namesake in ``data_dir``."""
+    if os.path.isfile(path):
+        return path
+    moved = os.path.join(data_dir, os.path.basename(path))
+    if os.path.isfile(moved):
+        return moved
+    raise ExportError(
+        f"the student's {option} {path} does not exist, nor does {moved} "
+        "(see --data)"
+    )
+
+
+def multilingual_dictionaries(task_cfg, data_dir):
+    """The dictionary files a multilingual model loads, by option name.
+
+    ``--fixed-dictionary`` (one file for every language), else
+    ``--source-dict``/``--target-dict`` and ``dict.LANG.txt`` of the other
+    side's languages in ``data_dir``; a file the checkpoint names that has
+    moved is looked for in ``data_dir``.
+
+    Args:
+        task_cfg: the exported ``cfg["task"]``.
+        data_dir: the dictionaries' folder.
+
+    Returns:
+        ``{option or "dict.LANG.txt": path}``.
+    """
+    from fairseq_kd.multilingual import _as_list
+
+    found = {}
+    for key, option in (
+        ("fixed_dictionary", "--fixed-dictionary"),
+        ("source_dict", "--source-dict"),
+        ("target_dict", "--target-dict"),
+    ):
+        if task_cfg.get(key):
+            found[key] = _dictionary_path(task_cfg[key], data_dir, option)
+    if "fixed_dictionary" in found:
+        return {"fixed_dictionary": found["fixed_dictionary"]}
+    pairs = [p.split("-") for p in _as_list(task_cfg.get("lang_pairs")) or []]
+    sides = [(0, "source_dict"), (1, "target_dict")]
+    langs = [p[i] for i, key in sides if key not in found for p in pairs]
+    for lang in dict.fromkeys(langs):
+        name = f"dict.{lang}.txt"
+        found[name] = _dictionary_path(os.path.join(data_dir, name), data_dir, name)
+    return found
 
 
 def language_pair(cfg, data_dir):
@@ -189,13 +323,28 @@ def copy_dictionaries(data_dir, dest_dir, langs):
     return copied
 
 
+def copy_files(paths, dest_dir):
+    """Copy ``paths`` into ``dest_dir`` (same names); return the copies."""
+    copied = []
+    for path in paths:
+        dest = os.path.join(dest_dir, os.path.basename(path))
+        if os.path.abspath(path) != os.path.abspath(dest):
+            shutil.copyfile(path, dest)
+        copied.append(dest)
+    return copied
+
+
 def convert_to_ct2(state, data_dir, src, tgt, output_dir, quantization):
     """Write a CTranslate2 model of an exported state, without unsafe loading.
 
     CTranslate2's converter reads the legacy model options as attributes
     (``checkpoint["args"]``), so it is handed a temporary copy whose ``args``
     is an ``argparse.Namespace`` of the exported options; torch reads that
-    weights-only, ``Namespace`` being allow-listed by this package.
+    weights-only, ``Namespace`` being allow-listed by this package. A
+    multilingual model's dictionaries that have moved are looked for in
+    ``data_dir`` (:func:`multilingual_dictionaries`), and its language-tag
+    settings are written beside the model
+    (:data:`fairseq_kd.ct2_multilingual.SETTINGS_FILE`).
 
     Args:
         state: the exported state.
@@ -205,6 +354,7 @@ def convert_to_ct2(state, data_dir, src, tgt, output_dir, quantization):
         output_dir: the CTranslate2 model's folder (replaced).
         quantization: CTranslate2 weight type (``int8``, ``float32``, ...).
     """
+    from fairseq_kd import ct2_multilingual
     from fairseq_kd.seqkd.ct2_engine import convert_fairseq
 
     cfg = state["cfg"]
@@ -214,13 +364,21 @@ def convert_to_ct2(state, data_dir, src, tgt, output_dir, quantization):
             "--ct2: the checkpoint's model options are not a legacy fairseq "
             "architecture's (no 'arch'); convert it with ct2-fairseq-converter"
         )
+    settings = None
     args = argparse.Namespace(**model)
+    if is_multilingual(cfg):
+        settings = ct2_multilingual.langtok_settings(cfg["task"])
+        for key, path in multilingual_dictionaries(cfg["task"], data_dir).items():
+            if not key.startswith("dict."):
+                setattr(args, key, path)
     args.data, args.source_lang, args.target_lang = data_dir, src, tgt
     with tempfile.TemporaryDirectory(dir=os.path.dirname(output_dir) or ".") as tmp:
         path = os.path.join(tmp, "checkpoint.pt")
         torch.save(dict(state, args=args, cfg=None), path)
         staging = os.path.join(tmp, "ct2")
         convert_fairseq(path, data_dir, src, tgt, staging, quantization=quantization)
+        if settings is not None:
+            ct2_multilingual.write_settings(staging, settings)
         shutil.rmtree(output_dir, ignore_errors=True)
         os.replace(staging, output_dir)
     return output_dir
@@ -248,7 +406,10 @@ def export(
         ct2: write a CTranslate2 model with this quantization.
         ct2_dir: the CTranslate2 model's folder (default ``<output dir>/ct2-<ct2>``).
         source_lang: source language (default: the checkpoint's, or inferred).
-        target_lang: target language (default: the checkpoint's, or inferred).
+            For a multilingual model, only the direction whose dictionaries
+            the CTranslate2 conversion reads (default: the first of
+            ``--lang-pairs``); nothing is recorded.
+        target_lang: target language (the same).
 
     Returns:
         ``{"checkpoint": ..., "dicts": [...], "ct2": ...}``.
@@ -259,15 +420,21 @@ def export(
 
     state = export_state(load_checkpoint(checkpoint, trusted_fallback=True))
     cfg = state["cfg"]
-    for key, value in (("source_lang", source_lang), ("target_lang", target_lang)):
-        if value is not None:
-            cfg["task"][key] = value
-            if "arch" in cfg["model"]:
-                cfg["model"][key] = value
+    multilingual = is_multilingual(cfg)
+    if not multilingual:
+        for key, value in (("source_lang", source_lang), ("target_lang", target_lang)):
+            if value is not None:
+                cfg["task"][key] = value
+                if "arch" in cfg["model"]:
+                    cfg["model"][key] = value
     if data is None and cfg["task"].get("data"):
         data = utils.split_paths(cfg["task"]["data"])[0]
     langs = None
-    if data and os.path.isdir(data):
+    if multilingual:
+        # nothing recorded: a language pair in the task's config would make
+        # it a one-direction model (fairseq's inference mode)
+        langs = multilingual_pair(cfg["task"], source_lang, target_lang)
+    elif data and os.path.isdir(data):
         # recorded, so that a folder with only the dictionaries is enough to
         # load the model (from_pretrained(DIR) cannot infer the pair there)
         langs = language_pair(cfg, data)
@@ -282,13 +449,17 @@ def export(
     os.replace(tmp, output)
     logger.info(f"exported {checkpoint} to {output}")
     result = {"checkpoint": output, "dicts": [], "ct2": None}
-    if (copy_dicts or ct2) and langs is None:
+    if (copy_dicts or ct2) and not (data and os.path.isdir(data)):
         raise ExportError(
             f"the dictionaries' folder {data!r} does not exist: pass --data "
             "(the folder the student was trained on)"
         )
     src, tgt = langs or (None, None)
-    if copy_dicts:
+    if copy_dicts and multilingual:
+        result["dicts"] = copy_files(
+            multilingual_dictionaries(cfg["task"], data).values(), out_dir
+        )
+    elif copy_dicts:
         result["dicts"] = copy_dictionaries(data, out_dir, (src, tgt))
     if ct2:
         ct2_dir = ct2_dir or os.path.join(out_dir, f"ct2-{ct2}")
@@ -302,7 +473,8 @@ def get_parser():
     p = argparse.ArgumentParser(
         prog="fairseq-kd-export",
         description="Write a student checkpoint that stock fairseq loads without "
-        "the plugin: task 'translation', a stock criterion, no teacher or KD "
+        "the plugin: task 'translation' (or 'translation_multi_simple_epoch' for "
+        "a multilingual student), a stock criterion, no teacher or KD "
         "options, no optimizer state, no pickled objects (torch.load with "
         "weights_only=True reads it on torch >= 2.6 with no environment switch).",
     )
@@ -310,7 +482,8 @@ def get_parser():
     p.add_argument("--output", "-o", required=True, help="the exported checkpoint")
     p.add_argument(
         "--data",
-        help="folder with the dictionaries (dict.SRC.txt, dict.TGT.txt); default: "
+        help="folder with the dictionaries (dict.SRC.txt, dict.TGT.txt; a "
+        "multilingual student's dict.LANG.txt or --fixed-dictionary); default: "
         "the data folder the checkpoint was trained on",
     )
     p.add_argument(
@@ -328,8 +501,13 @@ def get_parser():
     p.add_argument(
         "--ct2-dir", help="the CTranslate2 model's folder (default: OUTPUT_DIR/ct2-Q)"
     )
-    p.add_argument("--source-lang", help="source language (default: inferred)")
-    p.add_argument("--target-lang", help="target language (default: inferred)")
+    p.add_argument(
+        "--source-lang",
+        help="source language (default: inferred); of a multilingual student, "
+        "the direction whose dictionaries --ct2 reads (default: the first of "
+        "--lang-pairs; one CTranslate2 model serves every direction)",
+    )
+    p.add_argument("--target-lang", help="target language (see --source-lang)")
     return p
 
 

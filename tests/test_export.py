@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 from conftest import REPO, USER_DIR
-from corpus import STUDENT_ARCH, run, train
+from corpus import STUDENT_ARCH, TINY_ARCH, run, train
+from multi_corpus import task_flags
 
 from fairseq_kd.checkpoints import UnsafeCheckpointError, load_checkpoint
 from kd_bench import commands, evaluate, process
@@ -355,3 +356,195 @@ def test_ct2_engine_converts_a_teacher_weights_only_first(teacher, data_bin, tmp
     with pytest.warns(UserWarning, match="old-teacher.pt"):
         out = ct2_engine.convert_teacher(old, data_bin, "src", "tgt", str(work))
     assert os.path.isfile(os.path.join(out, "model.bin"))
+
+
+# ------------------------------------------- issue 12: a multilingual student
+
+MULTI_TASK = "translation_multi_simple_epoch"
+DIRECTIONS = ("de-en", "en-de", "cs-en")
+MULTI_UPDATES = 100
+
+
+@pytest.fixture(scope="module")
+def multi_student(multi_bin, multi_teacher, tmp_path_factory):
+    """A word-KD student of translation_multi_simple_epoch_kd (a few seconds)."""
+    save = str(tmp_path_factory.mktemp("multi-student"))
+    flags = ["--task", f"{MULTI_TASK}_kd", *task_flags()]
+    flags += ["--teacher-path", multi_teacher, "--criterion", "word_kd"]
+    flags += ["--kd-alpha", "0.1", "--label-smoothing", "0.1", "--lr", "0.01"]
+    flags += ["--warmup-updates", "10", "--disable-validation"]
+    flags += ["--save-interval", "1000"]  # one checkpoint, at the end
+    train(multi_bin, save, flags, arch=TINY_ARCH, updates=MULTI_UPDATES)
+    return os.path.join(save, "checkpoint_last.pt")
+
+
+@pytest.fixture(scope="module")
+def multi_exported(multi_student, tmp_path_factory):
+    """``fairseq-kd-export`` of the multilingual student, with float32 CTranslate2."""
+    out = tmp_path_factory.mktemp("multi-exported")
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fairseq_kd.export", multi_student]
+        + ["--output", str(out / "student.pt"), "--copy-dicts", "--ct2", "float32"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "full unpickling" not in proc.stdout + proc.stderr
+    return out
+
+
+# fairseq-generate's main() on each direction in one process; prints
+# {direction: {sentence id: "H" line}}
+GENERATE_DIRECTIONS = """
+import json
+from fairseq import options
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq_cli.generate import main
+found = {}
+for pair, argv in json.loads(sys.argv[1]).items():
+    parser = options.get_generation_parser()
+    main(convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, argv)))
+    path = os.path.join(argv[argv.index("--results-path") + 1], "generate-valid.txt")
+    with open(path) as f:
+        lines = [line.rstrip("\\n").split("\\t") for line in f]
+    found[pair] = {h[0][2:]: h[1:] for h in lines if h[0].startswith("H-")}
+print(json.dumps(found))
+"""
+
+
+def generate_directions(checkpoint, data, results, task, extra=()):
+    """fairseq's greedy output of each direction: the argv of GENERATE_DIRECTIONS."""
+    argvs = {}
+    for pair in DIRECTIONS:
+        src, tgt = pair.split("-")
+        argvs[pair] = [
+            str(data), "--path", str(checkpoint), "--task", task, *task_flags(),
+            "--source-lang", src, "--target-lang", tgt, "--gen-subset", "valid",
+            "--beam", "1", "--batch-size", "16", "--cpu",
+            "--required-batch-size-multiple", "1",
+            "--results-path", str(results / pair), *extra,
+        ]  # fmt: skip
+    return [json.dumps(argvs)]
+
+
+@pytest.fixture(scope="module")
+def multi_greedy(multi_student, multi_exported, multi_bin, tmp_path_factory):
+    """Greedy hypotheses of every direction: the student with our task, and
+    the export with stock fairseq in a process without the plugin."""
+    out = tmp_path_factory.mktemp("multi-greedy")
+    argv = generate_directions(
+        multi_student, multi_bin, out / "ours", f"{MULTI_TASK}_kd",
+        ["--user-dir", USER_DIR],
+    )  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os, sys\n" + GENERATE_DIRECTIONS, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    ours = json.loads(proc.stdout.splitlines()[-1])
+    stock = run_without_plugin(
+        GENERATE_DIRECTIONS,
+        multi_exported,
+        generate_directions(
+            multi_exported / "student.pt", multi_bin, out / "stock", MULTI_TASK
+        ),
+    )
+    return ours, json.loads(stock.splitlines()[-1])
+
+
+def test_multilingual_export_is_a_stock_multilingual_checkpoint(
+    multi_exported, multi_student
+):
+    state = torch.load(multi_exported / "student.pt", weights_only=True)
+    assert state["args"] is None
+    cfg = state["cfg"]
+    for flags in (cfg["task"], cfg["model"]):  # argparse options: every flag
+        assert flags["task"] == MULTI_TASK
+        assert flags["criterion"] == "label_smoothed_cross_entropy"
+        assert flags["user_dir"] is None
+        assert not any(k.startswith(("teacher", "kd_")) for k in flags)
+        # no direction recorded: fairseq would load a one-direction task
+        assert flags["source_lang"] is None and flags["target_lang"] is None
+        assert flags["encoder_langtok"] == "src" and flags["decoder_langtok"]
+    assert cfg["task"]["_name"] == MULTI_TASK
+    assert cfg["criterion"]["_name"] == "label_smoothed_cross_entropy"
+    original = torch.load(multi_student, map_location="cpu", weights_only=False)
+    assert original["cfg"]["task"].teacher_path  # the student had a teacher
+    assert original["cfg"]["task"]._name == f"{MULTI_TASK}_kd"
+    names = sorted(p.name for p in multi_exported.glob("dict.*.txt"))
+    assert names == ["dict.cs.txt", "dict.de.txt", "dict.en.txt"]
+
+
+def test_stock_generate_on_multilingual_export_matches_our_task(multi_greedy):
+    ours, stock = multi_greedy
+    assert sorted(ours) == sorted(stock) == sorted(DIRECTIONS)
+    for pair in DIRECTIONS:
+        assert len(ours[pair]) == 12  # the corpus' valid sentences
+        assert stock[pair] == ours[pair]  # hypotheses and their scores
+
+
+@pytest.mark.parametrize(
+    "settings,expected",
+    [
+        ({}, ("__de__", "__en__")),
+        ({"encoder_langtok": "tgt"}, ("__en__", "__en__")),
+        ({"encoder_langtok": None}, (None, "__en__")),
+        ({"decoder_langtok": False}, ("__de__", None)),
+        ({"lang_tok_style": "mbart"}, ("[de]", "[en]")),
+    ],
+)
+def test_direction_tags_follow_the_task_options(settings, expected):
+    from fairseq_kd import ct2_multilingual
+
+    task_cfg = {
+        "_name": MULTI_TASK, "lang_pairs": "de-en,cs-en,en-de", "langs": None,
+        "encoder_langtok": "src", "decoder_langtok": True,
+        "lang_tok_style": "multilingual",
+    }  # fmt: skip
+    task_cfg.update(settings)
+    found = ct2_multilingual.langtok_settings(task_cfg)
+    assert found["langs"] == ["cs", "de", "en"]  # fairseq's: sorted from the pairs
+    assert ct2_multilingual.direction_tags(found, "de", "en") == expected
+    with pytest.raises(ct2_multilingual.LangtokError, match="fr not among"):
+        ct2_multilingual.direction_tags(found, "fr", "en")
+    task_cfg["lang_tok_replacing_bos_eos"] = True
+    with pytest.raises(ct2_multilingual.LangtokError, match="replacing-bos-eos"):
+        ct2_multilingual.langtok_settings(task_cfg)
+
+
+def test_ct2_multilingual_greedy_equals_fairseq(
+    multi_greedy, multi_student, multi_exported, multi_text, tmp_path
+):
+    from fairseq_kd import ct2_multilingual
+
+    ours, _ = multi_greedy
+    # the library path (what the harness calls) on the original checkpoint
+    model_dir = ct2_multilingual.convert(
+        multi_student, str(tmp_path / "ct2"), quantization="float32"
+    )
+    with open(os.path.join(model_dir, "model.bin"), "rb") as a, open(
+        multi_exported / "ct2-float32" / "model.bin", "rb"
+    ) as b:
+        assert a.read() == b.read()  # the same model as fairseq-kd-export --ct2
+    translator = ct2_multilingual.Translator(model_dir, compute_type="float32")
+    tags = {"__cs__", "__de__", "__en__"}
+    for pair in DIRECTIONS:
+        src, tgt = pair.split("-")
+        with open(os.path.join(multi_text, f"valid.{pair}.{src}")) as f:
+            lines = f.read().splitlines()
+        found = translator.translate(lines, src, tgt, beam_size=1, batch_size=5)
+        expected = [ours[pair][str(i)][1] for i in range(len(lines))]
+        assert found == expected
+        assert not any(tags & set(hyp.split()) for hyp in found)
+    # the target tag is what steers the direction: de->en and de->cs differ
+    with open(os.path.join(multi_text, "valid.de-en.de")) as f:
+        lines = f.read().splitlines()
+    assert translator.translate(lines, "de", "en") != translator.translate(
+        lines, "de", "cs"
+    )
