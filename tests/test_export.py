@@ -137,15 +137,13 @@ def student(data_bin, teacher, tmp_path_factory):
     return os.path.join(save, "checkpoint_last.pt")
 
 
-@pytest.fixture(scope="module")
-def exported(student, data_bin, tmp_path_factory):
-    """``fairseq-kd-export student --copy-dicts --ct2 int8`` into a fresh folder."""
-    out = tmp_path_factory.mktemp("exported")
+def export_with_the_tool(checkpoint, out, ct2):
+    """``fairseq-kd-export CHECKPOINT --copy-dicts --ct2 CT2`` into ``out``."""
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "fairseq_kd.export", student]
-        + ["--output", str(out / "student.pt"), "--copy-dicts", "--ct2", "int8"],
+        [sys.executable, "-m", "fairseq_kd.export", checkpoint]
+        + ["--output", str(out / "student.pt"), "--copy-dicts", "--ct2", ct2],
         env=env,
         capture_output=True,
         text=True,
@@ -153,6 +151,12 @@ def exported(student, data_bin, tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "full unpickling" not in proc.stdout + proc.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def exported(student, data_bin, tmp_path_factory):
+    """``fairseq-kd-export student --copy-dicts --ct2 int8`` into a fresh folder."""
+    return export_with_the_tool(student, tmp_path_factory.mktemp("exported"), "int8")
 
 
 # Run first in every plugin-free process: fairseq_kd cannot be imported (the
@@ -382,18 +386,7 @@ def multi_student(multi_bin, multi_teacher, tmp_path_factory):
 def multi_exported(multi_student, tmp_path_factory):
     """``fairseq-kd-export`` of the multilingual student, with float32 CTranslate2."""
     out = tmp_path_factory.mktemp("multi-exported")
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "fairseq_kd.export", multi_student]
-        + ["--output", str(out / "student.pt"), "--copy-dicts", "--ct2", "float32"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "full unpickling" not in proc.stdout + proc.stderr
-    return out
+    return export_with_the_tool(multi_student, out, "float32")
 
 
 # fairseq-generate's main() on each direction in one process; prints
