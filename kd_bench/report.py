@@ -166,6 +166,37 @@ def against_teacher_beam5(row, teacher):
     }
 
 
+def main_rows(rows):
+    """The rows the goals are read on: the teacher and every student trained
+    for as many updates as the baseline (all rows without a baseline).
+
+    A preset may give some rows a shorter budget (``row_updates``: ablations
+    such as selective KD); those are compared among themselves in their own
+    table (:func:`side_tables`), not with the baseline.
+    """
+    baseline = next((r for r in rows if r["name"] == "baseline"), None)
+    if baseline is None:
+        return list(rows)
+    budget = baseline.get("train_updates")
+    return [
+        r for r in rows if r["name"] == "teacher" or r.get("train_updates") == budget
+    ]
+
+
+def side_tables(rows):
+    """The students outside :func:`main_rows`, grouped by their update budget.
+
+    Returns:
+        ``[(updates, rows)]`` in the order the budgets first appear.
+    """
+    main = {id(r) for r in main_rows(rows)}
+    groups = {}
+    for r in rows:
+        if id(r) not in main:
+            groups.setdefault(r.get("train_updates"), []).append(r)
+    return list(groups.items())
+
+
 def best_on_valid(rows, beam="beam5"):
     """The row with the best valid BLEU at ``beam`` (None without rows)."""
     return max(rows, key=lambda r: _bleu(r, "valid", beam) or -1) if rows else None
@@ -188,6 +219,7 @@ def check_goals(rows, goals=None):
     from kd_bench.preset import Goals
 
     g = {**vars(Goals()), **(goals or {})}
+    rows = main_rows(rows)
     by_name = {r["name"]: r for r in rows}
     teacher, baseline = by_name.get("teacher"), by_name.get("baseline")
     students = [r for r in rows if r["name"] != "teacher"]
@@ -245,7 +277,7 @@ def summary_text(results):
     Args:
         results: the dict of :func:`build_results`.
     """
-    rows = results["rows"]
+    rows = main_rows(results["rows"])
     by_name = {r["name"]: r for r in rows}
     teacher = by_name.get("teacher")
     kd = [r for r in rows if r["name"] not in ("teacher", "baseline")]
@@ -316,8 +348,13 @@ def _duration(seconds):
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m} min"
 
 
-def markdown_table(results):
-    """The results as one Markdown table (a row per model)."""
+def markdown_table(results, rows=None):
+    """The results as one Markdown table (a row per model).
+
+    Args:
+        results: the dict of :func:`build_results`.
+        rows: the rows to show (default: all of them).
+    """
     sets = results.get("eval_sets", {"test": "test", "valid": "valid"})
     test, valid = sets.get("test", "test"), sets.get("valid", "valid")
     head = [
@@ -333,7 +370,7 @@ def markdown_table(results):
         "greedy vs teacher beam 5: BLEU / speed-up fairseq, CT2",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in results["rows"]:
+    for r in results["rows"] if rows is None else rows:
         bleu = lambda split: " / ".join(  # noqa: E731
             "–" if v is None else f"{v:.2f}"
             for v in (_get(r, "scores", split, b, "bleu") for b in BEAMS)
@@ -414,8 +451,19 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
         results.get("command", ""),
         "```",
         "",
-        markdown_table(results),
+        markdown_table(results, main_rows(results["rows"])),
         "",
+    ]
+    for updates, rows in side_tables(results["rows"]):
+        out += [
+            f"Rows trained for {updates} updates only (a shorter budget, to "
+            "compare KD variants among themselves; they are not in the "
+            "goals):",
+            "",
+            markdown_table(results, rows),
+            "",
+        ]
+    out += [
         f"BLEU and chrF: sacreBLEU on detokenised, cased output against the raw "
         f"references of {sets.get('test', 'test')} (test) and "
         f"{sets.get('valid', 'valid')} (valid). Speeds: sentences per second of "

@@ -354,8 +354,8 @@ def test_dry_run_plans_are_well_formed(key, subword, tmp_path):
     data = (["fetch"] if key != "multi30k" else []) + ["normalise", "subword"]
     assert names[: len(data) + 1] == data + ["binarize"]
     expected = {"teacher", "seqkd:top", "seqkd:bleu", "topk:ref", "score", "table"}
-    expected |= {f"student:{r.name}" for r in ROWS if r.enabled}
-    expected |= {f"translate:{r.name}" for r in ROWS if r.enabled}
+    rows = [r.name for r in plan.rows]  # the preset's rows
+    expected |= {f"{kind}:{r}" for r in rows for kind in ("student", "translate")}
     assert expected <= set(names)
     assert names[-2:] == ["score", "table"]
 
@@ -876,3 +876,41 @@ def test_summary_shows_teacher_baseline_and_the_kd_student_best_on_valid():
         "word-kd greedy against the teacher's beam 5: 91.4% of its BLEU at 6.25x "
         "its speed"
     )
+
+
+def test_rows_with_a_shorter_budget_get_their_own_table_and_stay_out_of_the_goals():
+    """A preset's ``row_updates`` ablations (here 150 updates against the
+    baseline's 450) are compared among themselves, not with the baseline."""
+    scores = hand_made_scores()
+    short = json.loads(json.dumps(scores["models"]["word-kd"]))
+    short["train_updates"] = 150
+    for split in short["scores"].values():  # below the baseline, best on valid
+        for beam in split.values():
+            beam["bleu"] = 10.0
+    short["scores"]["valid"]["beam5"]["bleu"] = 90.0
+    short["scores"]["valid"]["beam1"]["bleu"] = 90.0
+    scores["models"]["word-kd-js"] = short
+    meta = hand_made_meta()
+    meta["rows"].append({"name": "word-kd-js", "label": "word-KD, JS"})
+    results = report.build_results(scores, meta)
+    goals = {g["goal"][:2]: g for g in results["goals"]}
+    assert "word-kd-js" not in goals["G1"]["detail"]  # only seq-kd loses
+    assert goals["G2"]["detail"] == "word-kd: +3.50"  # not the short row
+    assert goals["G3"]["detail"].startswith("word-kd: ")
+    assert report.summary_text(results).splitlines()[-1].startswith("word-kd greedy")
+    assert [r["name"] for r in report.main_rows(results["rows"])] == [
+        "teacher",
+        "baseline",
+        "word-kd",
+        "seq-kd",
+    ]
+    assert [
+        (u, [r["name"] for r in rows])
+        for u, rows in report.side_tables(results["rows"])
+    ] == [(150, ["word-kd-js"])]
+    md = report.render_markdown(results)
+    main, side = md.split("Rows trained for 150 updates only")
+    assert "| word-KD, JS |" not in main and "| seq-KD |" in main
+    side_table = side.split("\n\n")[1]
+    assert side_table.count("\n| ") == 2  # header rule + the one short row
+    assert "| word-KD, JS | 2.1M | 10 min (150) | 10.00 / 10.00 |" in side_table
