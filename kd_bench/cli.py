@@ -46,7 +46,7 @@ def parse_args(corpus, argv=None):
         metavar="PAIRS",
         help="the multilingual recipe: comma-separated directions (such as "
         + (corpus.lang_pairs or "de-en,cs-en")
-        + ") of one teacher and one student each, trained with fairseq's "
+        + ") that one teacher and each student serve, trained with fairseq's "
         "translation_multi_simple_epoch (language tags --encoder-langtok src "
         "--decoder-langtok), scored per direction; replaces --src/--tgt",
     )

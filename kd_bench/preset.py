@@ -288,8 +288,9 @@ CPU = Preset(
 #: seq-KD, Seq-Inter + word-KD, the bilingual table's best KD rows), 700
 #: updates x 0.9 s = 10.5 min each, 31.5 min; fairseq-generate, 4 models x 2
 #: directions x ~35 s (test and valid, greedy and beam 5) = 4.7 min;
-#: CTranslate2 int8, 4 x 2 x ~6 s plus four conversions = ~1.2 min; scoring
-#: ~0.5 min. Total ~106 min.
+#: CTranslate2 int8, 4 x 2 x ~6 s plus four conversions = ~1.2 min; the valid
+#: curve of Seq-Inter + word-KD (checkpoints 200, 400, 600, 700; beam 5, 2
+#: directions x ~12 s each) ~1.6 min; scoring ~0.5 min. Total ~108 min.
 CPU_MULTILINGUAL = Preset(
     vocab=8000,
     teacher_arch=transformer_arch(3, 3, 256, 1024, 4),
@@ -299,6 +300,7 @@ CPU_MULTILINGUAL = Preset(
     topk=8,
     tool_max_tokens=12000,
     rows=("baseline", "seq-kd", "seq-inter+word-kd"),
+    curve=Curve("seq-inter+word-kd", every=200),
 )
 
 #: A machine with a GPU: transformer_iwslt_de_en-sized teacher; translation
