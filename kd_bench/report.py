@@ -154,7 +154,8 @@ def build_results(scores, meta):
     }
     if "directions" in scores:
         results["directions"] = {}
-        for pair, found in scores["directions"].items():
+        for pair in ordered_pairs(meta, scores["directions"]):
+            found = scores["directions"][pair]
             rows = build_rows(found["models"], meta["rows"])
             entry = {
                 "rows": rows,
@@ -182,12 +183,22 @@ def direction_results(results, pair):
     return view
 
 
+def ordered_pairs(results, directions):
+    """The directions in ``--lang-pairs`` order (``results["lang_pairs"]``;
+    JSON files are written with sorted keys), then any other."""
+    given = [p for p in results.get("lang_pairs") or [] if p in directions]
+    return given + [p for p in directions if p not in given]
+
+
 def directions_of(results):
     """``[(pair or None, bilingual results dict)]``: each direction's results
-    (the bilingual results themselves, with None)."""
+    in ``--lang-pairs`` order (the bilingual results themselves, with None)."""
     if "directions" not in results:
         return [(None, results)]
-    return [(pair, direction_results(results, pair)) for pair in results["directions"]]
+    return [
+        (pair, direction_results(results, pair))
+        for pair in ordered_pairs(results, results["directions"])
+    ]
 
 
 def teacher_shares(rows):
@@ -520,7 +531,7 @@ def goals_lines(goals):
 
 def share_section(results):
     """Markdown lines: each student's share of the teacher, per direction."""
-    pairs = list(results["directions"])
+    pairs = ordered_pairs(results, results["directions"])
     first = results["directions"][pairs[0]]["rows"]
     test = results.get("eval_sets", {}).get("test", "test")
     out = [
@@ -580,8 +591,9 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
     ]
     if multilingual:
         out += [
-            f"One teacher and one student for every direction "
-            f"({', '.join(results['directions'])}), trained with fairseq's "
+            "One teacher, and one model per student row, serve every direction "
+            f"({', '.join(ordered_pairs(results, results['directions']))}), "
+            "trained with fairseq's "
             f"`{results.get('task', 'translation_multi_simple_epoch')}` (languages "
             f"{', '.join(results.get('langs', []))}, the source language's tag "
             "before each source, the target's forced as the first output token); "

@@ -1,5 +1,6 @@
 """The harness's multilingual recipe (``--lang-pairs``): plan, commands, report."""
 
+import glob
 import json
 import os
 import random
@@ -242,7 +243,9 @@ def multi_meta():
 def test_the_report_has_one_table_per_direction(tmp_path):
     pytest.importorskip("matplotlib")
     paths = {k: str(tmp_path / v) for k, v in report.OUTPUT_FILES.items()}
-    results = report.write_results(direction_scores(), multi_meta(), paths)
+    scores = direction_scores()
+    scores["directions"] = dict(sorted(scores["directions"].items()))  # as read
+    results = report.write_results(scores, multi_meta(), paths)
     assert "rows" not in results and list(results["directions"]) == ["de-en", "cs-en"]
     for pair, drop in (("de-en", 0.0), ("cs-en", 10.0)):
         found = results["directions"][pair]
@@ -261,7 +264,11 @@ def test_the_report_has_one_table_per_direction(tmp_path):
     tables = md[de_en:cs_en], md[cs_en : md.index("## The student's share")]
     assert "| teacher | 9.8M | 10 min (450) | 33.50 / 35.00 |" in tables[0]
     assert "| teacher | 9.8M | 10 min (450) | 23.50 / 25.00 |" in tables[1]
+    assert "| model | de-en | cs-en |" in md
     assert "| word-KD | 91% / 96% | 88% / 94% |" in md
+    reloaded = json.loads(json.dumps(results, sort_keys=True))  # as results.json
+    head = lambda r: report.render_markdown(r).split("## Set-up")[0]  # noqa: E731
+    assert head(reloaded) == head(results)  # the tables and goals in given order
     assert "| teacher | BLEU 35.00 | BLEU 25.00 |" in md
     assert md.count("G1: every KD student") == 2
     assert "## Valid BLEU by training updates, de-en" in md
@@ -283,13 +290,15 @@ def test_the_bilingual_report_is_unchanged_by_the_direction_views():
 @pytest.mark.skipif(MULTI30K is None, reason="Multi30k is not on this machine")
 def test_tiny_multilingual_run_on_a_slice_of_multi30k(tmp_path, monkeypatch):
     """de-en and cs-en, one teacher and one student, end to end (tiny)."""
-    monkeypatch.setattr(TINY, "limits", {"train": 300, "valid": 12, "test": 12})
+    sizes = {"train": 300, "valid": 10, "test": 12}
+    monkeypatch.setattr(TINY, "limits", sizes)
     work = tmp_path / "w"
     argv = ["multi30k", "--preset", "tiny", "--lang-pairs", PAIRS]
     argv += ["--work", str(work), "--rows", "baseline", "--data", MULTI30K]
     plan = cli.main(argv)
     results = read_json(os.path.join(plan.results, "results.json"))
-    assert list(results["directions"]) == ["de-en", "cs-en"]
+    assert sorted(results["directions"]) == ["cs-en", "de-en"]
+    assert results["lang_pairs"] == ["de-en", "cs-en"]
     for pair in ("de-en", "cs-en"):
         rows = results["directions"][pair]["rows"]
         assert [r["name"] for r in rows] == ["teacher", "baseline"]
@@ -300,15 +309,29 @@ def test_tiny_multilingual_run_on_a_slice_of_multi30k(tmp_path, monkeypatch):
                     assert row["speed"][split][beam] > 0
             if commands.ct2_available():
                 assert row["ct2_int8"]["beam1"]["sentences_per_second"] > 0
-    # each direction's hypotheses are English translations of its own source:
-    # the two directions read different sources, so (at this size) their
-    # translations differ, and none keeps a language tag
-    outputs = {}
-    for pair in ("de-en", "cs-en"):
-        folder = os.path.join(plan.work, "translations", "teacher", pair)
-        outputs[pair] = read_lines(os.path.join(folder, "test.beam5.txt"))
-        assert len(outputs[pair]) == 12
-        assert not any("__" in h for h in outputs[pair])
-    assert outputs["de-en"] != outputs["cs-en"]
+                folder = os.path.join(plan.work, "ct2", row["name"], pair)
+                hyps = read_lines(os.path.join(folder, "test.beam1.txt"))
+                assert len(hyps) == 12 and not any("__en__" in h for h in hyps)
+    # each direction's hypotheses are what fairseq-generate printed for its
+    # own source, read with its own language tag (the logs' S- lines)
+    for model in ("teacher", "baseline"):
+        logs = glob.glob(os.path.join(plan.work, "logs", f"translate__{model}.*.log"))
+        found = []
+        for log in logs:
+            text = open(log, encoding="utf-8").read()
+            sources = re.findall(r"^S-\d+\t(\S+)", text, re.M)
+            (tag,) = set(sources)  # one direction per command
+            src = tag.strip("_")
+            hyps = commands.parse_generate_output(text)
+            split = {12: "test", 10: "valid"}[len(hyps)]
+            folder = os.path.join(plan.work, "translations", model, f"{src}-en")
+            assert hyps in [
+                read_lines(os.path.join(folder, f"{split}.beam{b}.txt")) for b in (1, 5)
+            ]
+            assert not any("__en__" in h for h in hyps)
+            found.append((src, split))
+        assert sorted(found) == sorted(
+            (src, split) for src in ("cs", "de") for split in ("test", "valid") * 2
+        )
     md = open(os.path.join(plan.results, "RESULTS.md")).read()
-    assert "\n## de-en\n" in md and "\n## cs-en\n" in md
+    assert 0 < md.index("\n## de-en\n") < md.index("\n## cs-en\n")  # as given
