@@ -30,11 +30,26 @@ def parse_args(corpus, argv=None):
         description=f"{corpus.title}: the Kim & Rush distillation table, staged "
         "and resumable (see docs/recipes.md for the stages)",
     )
+    presets = dict.fromkeys([*corpus.presets_for(False), *corpus.presets_for(True)])
     p.add_argument(
-        "--preset", default=corpus.default_preset, choices=list(corpus.presets)
+        "--preset",
+        default=corpus.default_preset,
+        choices=list(presets),
+        help="with --lang-pairs: the multilingual recipe's preset of that name "
+        "where the corpus has one",
     )
     p.add_argument("--src", default=corpus.src, help="source language code")
     p.add_argument("--tgt", default=corpus.tgt, help="target language code")
+    p.add_argument(
+        "--lang-pairs",
+        default=None,
+        metavar="PAIRS",
+        help="the multilingual recipe: comma-separated directions (such as "
+        + (corpus.lang_pairs or "de-en,cs-en")
+        + ") that one teacher and each student serve, trained with fairseq's "
+        "translation_multi_simple_epoch (language tags --encoder-langtok src "
+        "--decoder-langtok), scored per direction; replaces --src/--tgt",
+    )
     p.add_argument(
         "--data",
         default=None,
@@ -159,6 +174,8 @@ def reproduce_command(name, args, launcher=None):
     parts = shlex.split(launcher) if launcher else ["python", "-m", "kd_bench", name]
     parts += ["--preset", args.preset]
     given = getattr(args, "teacher_checkpoint", None) is not None
+    if getattr(args, "lang_pairs", None):
+        parts += ["--lang-pairs", args.lang_pairs]
     for opt in ("src", "tgt", "subword", "rows"):
         value = getattr(args, opt)
         if opt == "subword" and given:
@@ -192,12 +209,24 @@ def make_config(name, argv=None):
         "subword": "spm",
         "rows": None,
     }
-    preset = corpus.presets[args.preset]
+    lang_pairs = parse_lang_pairs(args)
+    if lang_pairs:
+        args.src, args.tgt = lang_pairs[0].split("-")
+        args.defaults.update(src=args.src, tgt=args.tgt)  # not repeated
+    presets = corpus.presets_for(bool(lang_pairs))
+    if args.preset not in presets:
+        raise SystemExit(
+            f"--preset {args.preset}: the "
+            + ("multilingual" if lang_pairs else "bilingual")
+            + f" recipe's presets are {', '.join(presets)}"
+        )
+    preset = presets[args.preset]
     if args.src == args.tgt:
         raise SystemExit(f"--src and --tgt are both {args.src}")
     teacher = given_teacher(args, args.src, args.tgt)
     args.subword = teacher.subword if teacher else args.subword or "spm"
-    folder = f"{args.src}-{args.tgt}.{args.preset}.{args.subword}"
+    pair = "+".join(lang_pairs) if lang_pairs else f"{args.src}-{args.tgt}"
+    folder = f"{pair}.{args.preset}.{args.subword}"
     folder += ".given" if teacher else ""
     work = os.path.abspath(args.work or os.path.join(args.work_root, folder))
     results = os.path.abspath(args.results or os.path.join(work, "results"))
@@ -216,8 +245,36 @@ def make_config(name, argv=None):
         use_ct2=not args.no_ct2 and ct2_available(),
         command=reproduce_command(name, args, os.environ.get("KD_BENCH_LAUNCHER")),
         teacher=teacher,
+        lang_pairs=lang_pairs,
     )
     return cfg, args
+
+
+def parse_lang_pairs(args):
+    """``--lang-pairs``: the directions (None without it), checked."""
+    if args.lang_pairs is None:
+        return None
+    pairs = [x.strip() for x in args.lang_pairs.split(",") if x.strip()]
+    for pair in pairs:
+        langs = pair.split("-")
+        if len(langs) != 2 or not all(langs) or langs[0] == langs[1]:
+            raise SystemExit(
+                f"--lang-pairs: {pair!r} is not a direction SRC-TGT of two "
+                "languages (such as de-en)"
+            )
+    if not pairs or len(set(pairs)) != len(pairs):
+        raise SystemExit(
+            f"--lang-pairs {args.lang_pairs}: give each direction once (such as "
+            "de-en,cs-en)"
+        )
+    if args.src != args.defaults["src"] or args.tgt != args.defaults["tgt"]:
+        raise SystemExit("--lang-pairs names the directions: no --src/--tgt with it")
+    if getattr(args, "teacher_checkpoint", None) is not None:
+        raise SystemExit(
+            "--teacher-checkpoint takes a bilingual teacher only for now: not "
+            "with --lang-pairs"
+        )
+    return pairs
 
 
 def main(argv=None):
@@ -257,7 +314,7 @@ def main(argv=None):
             print(f" {mark} {row.name:<22} {row.label}")
         return plan
     print(
-        f"{cfg.corpus.title} {cfg.src}-{cfg.tgt}, preset {cfg.preset_name}, "
+        f"{cfg.corpus.title} {cfg.pair_label}, preset {cfg.preset_name}, "
         f"{cfg.subword}"
         + (f", teacher given: {cfg.teacher.checkpoint}" if cfg.teacher else "")
         + (" (dry run: nothing is executed)" if args.dry_run else ""),

@@ -38,8 +38,9 @@ def train_command(
         save_dir: where checkpoints go.
         arch: transformer size flags (``--encoder-layers`` ...).
         train: a :class:`~kd_bench.preset.TrainSettings`.
-        src: source language.
-        tgt: target language.
+        src: source language (None with the multilingual task, whose
+            ``--lang-pairs`` in ``extra`` name the directions).
+        tgt: target language (None with the multilingual task).
         device: ``--cpu``, ``--fp16``...
         extra: criterion/task flags.
         joined: whether the data has one dictionary for both sides (all
@@ -53,7 +54,7 @@ def train_command(
         # prefetching thread at exit (fairseq_kd/shutdown.py) and lets torch
         # resume from a checkpoint weights-only
         + ([] if "--user-dir" in extra else ["--user-dir", plugin_dir()])
-        + ["--source-lang", src, "--target-lang", tgt]
+        + (["--source-lang", src, "--target-lang", tgt] if src else [])
         + ["--arch", "transformer"]
         + list(arch)
         + [share, "--dropout", train.dropout]
@@ -76,7 +77,7 @@ def train_command(
     )
 
 
-def generate_command(data, checkpoint, split, beam, src, tgt, preset, subword):
+def generate_command(data, checkpoint, split, beam, src, tgt, preset, subword, task=()):
     """The ``fairseq-generate`` command that translates and times one split.
 
     Args:
@@ -89,11 +90,14 @@ def generate_command(data, checkpoint, split, beam, src, tgt, preset, subword):
         preset: the :class:`~kd_bench.preset.Preset` (batch size, output-length
             bound, device).
         subword: ``spm`` or ``bpe`` (how to detokenise).
+        task: task flags (the multilingual task's ``--task``, ``--lang-pairs``
+            and language-tag options; the direction is ``src``-``tgt``).
     """
     return (
         ["fairseq-generate", data, "--path", checkpoint, "--gen-subset", split]
         # the plugin lets torch load the checkpoint weights-only
         + ["--user-dir", plugin_dir()]
+        + list(task)
         + ["--source-lang", src, "--target-lang", tgt]
         + ["--beam", beam, "--nbest", "1", "--batch-size", preset.gen_batch_size]
         # every sentence is kept (ve-fairseq drops a last partial batch otherwise)

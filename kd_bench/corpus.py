@@ -38,6 +38,10 @@ class Corpus:
         checksums: ``{"<stem>.<lang>": sha256 of the text}`` checked before use
             (files without one are not checked).
         reference: Markdown paragraph of published numbers to compare with.
+        lang_pairs: the directions of the multilingual recipe without a value
+            (``--lang-pairs``), e.g. ``"de-en,cs-en"`` (empty: none).
+        multilingual_presets: the presets of the multilingual recipe
+            (``--lang-pairs``); those not named here are ``presets``'.
     """
 
     key: str
@@ -54,6 +58,14 @@ class Corpus:
     fetched_suffix: str = ""
     checksums: Dict[str, str] = field(default_factory=dict)
     reference: str = ""
+    lang_pairs: str = ""
+    multilingual_presets: Dict[str, Preset] = field(default_factory=dict)
+
+    def presets_for(self, multilingual):
+        """The presets of the bilingual or the multilingual recipe."""
+        if not multilingual:
+            return dict(self.presets)
+        return {**self.presets, **self.multilingual_presets}
 
     def raw_folder(self, args):
         """The raw folder already on disk (``--data`` by default), or None."""

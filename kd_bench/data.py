@@ -119,7 +119,7 @@ def write_pairs(dest, split, src, tgt, pairs):
     write_lines(os.path.join(dest, f"{split}.{tgt}"), [p[1] for p in pairs])
 
 
-def prepare_text(folder, out_dir, src, tgt, splits, limits=None):
+def prepare_text(folder, out_dir, src, tgt, splits, limits=None, more=()):
     """Normalise the raw corpus into ``out_dir/<split>.<lang>``.
 
     Args:
@@ -129,27 +129,31 @@ def prepare_text(folder, out_dir, src, tgt, splits, limits=None):
         tgt: target language code.
         splits: fairseq split name -> file stem in ``folder``.
         limits: optional fairseq split name -> maximum number of lines.
+        more: further languages, line-aligned with ``src`` and ``tgt`` (a
+            multi-parallel corpus such as Multi30k: the multilingual recipe).
     """
+    langs = [src, tgt] + [x for x in more if x not in (src, tgt)]
     os.makedirs(out_dir, exist_ok=True)
     for split, stem in splits.items():
         sides = {}
-        for lang in (src, tgt):
+        for lang in langs:
             path = find_file(folder, f"{stem}.{lang}")
             if path is None:
                 raise FileNotFoundError(f"no {stem}.{lang}[.gz] in {folder}")
             limit = (limits or {}).get(split)
             sides[lang] = [normalise_line(x) for x in read_lines(path, limit)]
-        if len(sides[src]) != len(sides[tgt]):
-            raise ValueError(
-                f"{split}: {len(sides[src])} {src} lines but {len(sides[tgt])} "
-                f"{tgt} lines"
-            )
-        for lang in (src, tgt):
+        for lang in langs[1:]:
+            if len(sides[lang]) != len(sides[src]):
+                raise ValueError(
+                    f"{split}: {len(sides[src])} {src} lines but "
+                    f"{len(sides[lang])} {lang} lines"
+                )
+        for lang in langs:
             write_lines(os.path.join(out_dir, f"{split}.{lang}"), sides[lang])
     return out_dir
 
 
-def train_sentencepiece(text_dir, model_prefix, src, tgt, vocab_size):
+def train_sentencepiece(text_dir, model_prefix, src, tgt, vocab_size, more=()):
     """Train a joint sentencepiece unigram model on the training text.
 
     Args:
@@ -158,10 +162,12 @@ def train_sentencepiece(text_dir, model_prefix, src, tgt, vocab_size):
         src: source language code.
         tgt: target language code.
         vocab_size: subword vocabulary size.
+        more: further languages learnt with them (``train.<lang>``).
     """
     import sentencepiece as spm
 
-    inputs = ",".join(os.path.join(text_dir, f"train.{lang}") for lang in (src, tgt))
+    langs = [src, tgt] + [x for x in more if x not in (src, tgt)]
+    inputs = ",".join(os.path.join(text_dir, f"train.{lang}") for lang in langs)
     spm.SentencePieceTrainer.train(
         input=inputs,
         model_prefix=model_prefix,
@@ -174,6 +180,20 @@ def train_sentencepiece(text_dir, model_prefix, src, tgt, vocab_size):
         minloglevel=2,
     )
     return model_prefix + ".model"
+
+
+def concatenate(files, dest):
+    """Write the lines of ``files`` one after the other into ``dest``.
+
+    Args:
+        files: text files.
+        dest: the file to write.
+    """
+    lines = []
+    for path in files:
+        lines += read_lines(path)
+    write_lines(dest, lines)
+    return dest
 
 
 def encode_sentencepiece(model, text_dir, out_dir, splits, langs):

@@ -80,7 +80,9 @@ def length_batches(sources, batch_size):
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def ct2_translate(model_dir, source_file, out_dir, beams, batch_size, symbol, a, b):
+def ct2_translate(
+    model_dir, source_file, out_dir, beams, batch_size, symbol, a, b, direction=None
+):
     """Translate subword source lines with CTranslate2 and time each beam size.
 
     The output length is bounded per batch as fairseq-generate bounds it
@@ -96,20 +98,59 @@ def ct2_translate(model_dir, source_file, out_dir, beams, batch_size, symbol, a,
         symbol: fairseq post-processing symbol (``sentencepiece``...).
         a: ``--max-len-a``.
         b: ``--max-len-b``.
+        direction: ``(src, tgt)`` of a multilingual model (converted by
+            :func:`fairseq_kd.ct2_multilingual.convert`): each source gets its
+            language tag and each translation starts with the target's, as
+            fairseq-generate gives them (:class:`fairseq_kd.ct2_multilingual.
+            Translator`, which bounds the length the same way, the tag
+            counted); None for a bilingual model.
     """
-    import ctranslate2
     import torch
     from fairseq.data.data_utils import post_process
 
     threads = torch.get_num_threads()
+    lines = read_lines(source_file)
+    translate = (
+        _bilingual_translator(model_dir, lines, batch_size, a, b, threads)
+        if direction is None
+        else _multilingual_translator(
+            model_dir, lines, direction, batch_size, a, b, threads
+        )
+    )
+    for beam in beams:
+        start = time.time()
+        hyps = translate(beam)
+        seconds = time.time() - start
+        hyps = [post_process(h, symbol) for h in hyps]
+        write_lines(os.path.join(out_dir, f"test.beam{beam}.txt"), hyps)
+        write_json(
+            os.path.join(out_dir, f"test.beam{beam}.json"),
+            {
+                "sentences": len(lines),
+                "seconds": round(seconds, 3),
+                "sentences_per_second": round(len(lines) / seconds, 2),
+                "threads": threads,
+            },
+        )
+        print(
+            f"    CTranslate2 int8 beam {beam}: {len(lines)} sentences in "
+            f"{seconds:.1f}s",
+            flush=True,
+        )
+
+
+def _bilingual_translator(model_dir, lines, batch_size, a, b, threads):
+    """``translate(beam)`` -> subword hypotheses of a bilingual CTranslate2 model."""
+    import ctranslate2
+
     translator = ctranslate2.Translator(
         model_dir, device="cpu", compute_type="int8", intra_threads=threads
     )
-    sources = [line.split() for line in read_lines(source_file)]
+    sources = [line.split() for line in lines]
     batches = length_batches(sources, batch_size)
-    for beam in beams:
+
+    def translate(beam):
         hyps = [None] * len(sources)
-        start = time.time()
         for ids in batches:
             batch = [sources[i] for i in ids]
             results = translator.translate_batch(
@@ -119,24 +160,35 @@ def ct2_translate(model_dir, source_file, out_dir, beams, batch_size, symbol, a,
                 max_decoding_length=max_decoding_length(map(len, batch), a, b),
             )
             for i, r in zip(ids, results):
-                hyps[i] = r.hypotheses[0]
-        seconds = time.time() - start
-        hyps = [post_process(" ".join(h), symbol) for h in hyps]
-        write_lines(os.path.join(out_dir, f"test.beam{beam}.txt"), hyps)
-        write_json(
-            os.path.join(out_dir, f"test.beam{beam}.json"),
-            {
-                "sentences": len(sources),
-                "seconds": round(seconds, 3),
-                "sentences_per_second": round(len(sources) / seconds, 2),
-                "threads": threads,
-            },
+                hyps[i] = " ".join(r.hypotheses[0])
+        return hyps
+
+    return translate
+
+
+def _multilingual_translator(model_dir, lines, direction, batch_size, a, b, threads):
+    """``translate(beam)`` -> subword hypotheses of one direction of a
+    multilingual CTranslate2 model (its language tags added, the target's
+    left out of the output)."""
+    from fairseq_kd import ct2_multilingual
+
+    translator = ct2_multilingual.Translator(
+        model_dir, device="cpu", compute_type="int8", intra_threads=threads
+    )
+    src, tgt = direction
+
+    def translate(beam):
+        return translator.translate(
+            lines,
+            src,
+            tgt,
+            beam_size=beam,
+            batch_size=batch_size,
+            max_len_a=a,
+            max_len_b=b,
         )
-        print(
-            f"    CTranslate2 int8 beam {beam}: {len(sources)} sentences in "
-            f"{seconds:.1f}s",
-            flush=True,
-        )
+
+    return translate
 
 
 def compare_engines(runs, split, tgt, out_path):
@@ -259,54 +311,102 @@ def score_curve(translations, ref_file, out_path):
     return points
 
 
-def compute_scores(paths, models, eval_sets, tgt, environment, out_path):
+def model_scores(paths, name, eval_sets, refs, pair=None):
+    """BLEU/chrF and speeds of one model's translations (of one direction).
+
+    Args:
+        paths: the recipe's :class:`~kd_bench.plan.Paths`.
+        name: the model's name.
+        eval_sets: fairseq split -> name shown in the table.
+        refs: fairseq split -> reference lines.
+        pair: the direction (``src-tgt``) of the multilingual recipe, None for
+            the bilingual one.
+
+    Returns:
+        ``({"scores", "speed"[, "ct2_int8"]}, {"bleu", "chrf"}: signatures)``.
+    """
+    entry, signatures = {"scores": {}, "speed": {}}, {}
+    tdir = paths.translations(name, pair)
+    for split in eval_sets:
+        entry["scores"][split], entry["speed"][split] = {}, {}
+        for beam in EVAL_BEAMS:
+            hyps = read_lines(os.path.join(tdir, f"{split}.beam{beam}.txt"))
+            s = score(hyps, refs[split])
+            signatures["bleu"] = s.pop("bleu_signature")
+            signatures["chrf"] = s.pop("chrf_signature")
+            entry["scores"][split][f"beam{beam}"] = s
+            speed = read_json(os.path.join(tdir, f"{split}.beam{beam}.json"))
+            entry["speed"][split][f"beam{beam}"] = speed["sentences_per_second"]
+    cdir = paths.ct2(name, pair)
+    if os.path.isdir(cdir):
+        entry["ct2_int8"] = {}
+        for beam in EVAL_BEAMS:
+            hyps = read_lines(os.path.join(cdir, f"test.beam{beam}.txt"))
+            speed = read_json(os.path.join(cdir, f"test.beam{beam}.json"))
+            s = score(hyps, refs["test"])
+            entry["ct2_int8"][f"beam{beam}"] = {
+                "sentences_per_second": speed["sentences_per_second"],
+                "bleu": s["bleu"],
+            }
+    return entry, signatures
+
+
+def model_facts(ckpt):
+    """Parameters, training time and updates of one model (and a given
+    teacher's path and sha256)."""
+    given = read_given(os.path.dirname(ckpt))  # a teacher not trained here
+    params = given["params"] if given else count_parameters(ckpt)
+    entry = {"params": params}
+    if given:
+        entry["given"] = {k: given[k] for k in ("checkpoint", "sha256")}
+    timing = os.path.join(os.path.dirname(ckpt), "train_time.json")
+    if os.path.exists(timing):
+        entry.update({f"train_{k}": v for k, v in read_json(timing).items()})
+    return entry
+
+
+def compute_scores(
+    paths, models, eval_sets, tgt, environment, out_path, lang_pairs=None
+):
     """Score every translation; gather parameters and training times.
 
     Args:
         paths: the recipe's :class:`~kd_bench.plan.Paths`.
         models: model name -> checkpoint.
         eval_sets: fairseq split -> name shown in the table.
-        tgt: target language.
+        tgt: target language (of the bilingual recipe).
         environment: date, machine and versions (recorded beside the scores).
         out_path: where the JSON goes.
+        lang_pairs: the directions of the multilingual recipe (``["de-en",
+            ...]``): the scores then go under ``directions: {pair: {"models":
+            ..., "curve": ...}}``, one entry per model and direction, each
+            with the model's parameters and training time.
     """
-    refs = {
-        split: read_lines(os.path.join(paths.text, f"{split}.{tgt}"))
-        for split in eval_sets
-    }
-    scores = {"models": {}, "eval_sets": dict(eval_sets), **environment}
-    for name, ckpt in models.items():
-        given = read_given(os.path.dirname(ckpt))  # a teacher not trained here
-        params = given["params"] if given else count_parameters(ckpt)
-        entry = {"params": params, "scores": {}, "speed": {}}
-        if given:
-            entry["given"] = {k: given[k] for k in ("checkpoint", "sha256")}
-        timing = os.path.join(os.path.dirname(ckpt), "train_time.json")
-        if os.path.exists(timing):
-            entry.update({f"train_{k}": v for k, v in read_json(timing).items()})
-        tdir = paths.translations(name)
-        for split in eval_sets:
-            entry["scores"][split], entry["speed"][split] = {}, {}
-            for beam in EVAL_BEAMS:
-                hyps = read_lines(os.path.join(tdir, f"{split}.beam{beam}.txt"))
-                s = score(hyps, refs[split])
-                scores["bleu_signature"] = s.pop("bleu_signature")
-                scores["chrf_signature"] = s.pop("chrf_signature")
-                entry["scores"][split][f"beam{beam}"] = s
-                speed = read_json(os.path.join(tdir, f"{split}.beam{beam}.json"))
-                entry["speed"][split][f"beam{beam}"] = speed["sentences_per_second"]
-        cdir = paths.ct2(name)
-        if os.path.isdir(cdir):
-            entry["ct2_int8"] = {}
-            for beam in EVAL_BEAMS:
-                hyps = read_lines(os.path.join(cdir, f"test.beam{beam}.txt"))
-                speed = read_json(os.path.join(cdir, f"test.beam{beam}.json"))
-                s = score(hyps, refs["test"])
-                entry["ct2_int8"][f"beam{beam}"] = {
-                    "sentences_per_second": speed["sentences_per_second"],
-                    "bleu": s["bleu"],
-                }
-        scores["models"][name] = entry
+    scores = {"eval_sets": dict(eval_sets), **environment}
+    facts = {name: model_facts(ckpt) for name, ckpt in models.items()}
+
+    def direction(pair, target):
+        refs = {
+            split: read_lines(os.path.join(paths.text, f"{split}.{target}"))
+            for split in eval_sets
+        }
+        out = {}
+        for name in models:
+            entry, signatures = model_scores(paths, name, eval_sets, refs, pair)
+            scores.update({f"{k}_signature": v for k, v in signatures.items()})
+            out[name] = {**facts[name], **entry}
+        return out
+
+    if lang_pairs:
+        scores["directions"] = {}
+        for pair in lang_pairs:
+            entry = {"models": direction(pair, pair.split("-")[1])}
+            curve = os.path.join(paths.curve_dir(pair), "curve.json")
+            if os.path.exists(curve):
+                entry["curve"] = read_json(curve)
+            scores["directions"][pair] = entry
+    else:
+        scores["models"] = direction(None, tgt)
     scores["seqkd"] = seqkd_summaries(
         {select: paths.seqkd(select) for select in ("top", "bleu")}
     )

@@ -40,6 +40,7 @@ from kd_bench.commands import (
 )
 from kd_bench.corpus import Corpus
 from kd_bench.data import (
+    concatenate,
     encode_sentencepiece,
     head_lines,
     prepare_text,
@@ -74,6 +75,26 @@ DISTILL_BIN = "bin"
 
 #: Console scripts of the plugin that the recipes call.
 PLUGIN_TOOLS = ("fairseq-kd-dump-topk", "fairseq-kd-distill")
+
+#: fairseq's multilingual task (the teacher, the baseline, the tools) and the
+#: plugin's KD task over it (the KD students).
+MULTILINGUAL_TASK = "translation_multi_simple_epoch"
+MULTILINGUAL_KD_TASK = "translation_multi_simple_epoch_kd"
+
+
+def multilingual_flags(lang_pairs, langs):
+    """The multilingual task's directions, languages and language tags.
+
+    Every model of the recipe reads the source with its language's tag first
+    (``--encoder-langtok src``) and starts the target with the target's tag
+    (``--decoder-langtok``), fairseq's ``multilingual`` tag style.
+    """
+    return ["--lang-pairs", ",".join(lang_pairs), "--langs", ",".join(langs)] + [
+        "--encoder-langtok",
+        "src",
+        "--decoder-langtok",
+    ]
+
 
 #: Training corpora a row can use: "ref" is the original binarized data,
 #: "seqkd-top" the teacher's best beam hypothesis (sequence-level KD),
@@ -125,13 +146,17 @@ class Paths:
         """The teacher's top-k store of one training corpus."""
         return self._w("topk", source)
 
-    def translations(self, name):
-        """A model's fairseq translations and speeds."""
-        return self._w("translations", name)
+    def translations(self, name, pair=None):
+        """A model's fairseq translations and speeds (of one direction: ``pair``)."""
+        return in_direction(self._w("translations", name), pair)
 
-    def ct2(self, name):
-        """A model's CTranslate2 model, translations and speeds."""
-        return self._w("ct2", name)
+    def ct2(self, name, pair=None):
+        """A model's CTranslate2 model, translations and speeds (``pair``'s)."""
+        return in_direction(self._w("ct2", name), pair)
+
+    def curve_dir(self, pair=None):
+        """The valid curve's translations and scores (of one direction)."""
+        return in_direction(self.curve, pair)
 
 
 @dataclass
@@ -153,6 +178,9 @@ class Config:
         command: the command that reproduces this configuration.
         teacher: a :class:`~kd_bench.teacher.GivenTeacher` distilled instead of
             training one (None: the ``teacher`` stage trains it).
+        lang_pairs: the directions of the multilingual recipe (``["de-en",
+            "cs-en"]``; None: the bilingual recipe, ``src``-``tgt``). ``src``
+            and ``tgt`` are then its first direction's.
     """
 
     corpus: Corpus
@@ -168,6 +196,52 @@ class Config:
     use_ct2: bool = False
     command: str = ""
     teacher: Optional[GivenTeacher] = None
+    lang_pairs: Optional[List[str]] = None
+
+    @property
+    def multilingual(self):
+        """Whether this is the multilingual recipe (``--lang-pairs``)."""
+        return bool(self.lang_pairs)
+
+    @property
+    def pair_label(self):
+        """``de-en``, or the multilingual recipe's directions (``de-en, cs-en``)."""
+        if self.multilingual:
+            return ", ".join(self.lang_pairs)
+        return f"{self.src}-{self.tgt}"
+
+    @property
+    def directions(self):
+        """``[(src, tgt)]``: every direction (one for the bilingual recipe)."""
+        if not self.multilingual:
+            return [(self.src, self.tgt)]
+        return [tuple(pair.split("-")) for pair in self.lang_pairs]
+
+    @property
+    def pairs(self):
+        """The directions as ``src-tgt`` (None for the bilingual recipe, whose
+        files have no per-direction folder)."""
+        return list(self.lang_pairs) if self.multilingual else [None]
+
+    @property
+    def langs(self):
+        """Every language: ``(src, tgt)``, or the multilingual task's sorted
+        ``--langs`` (the order gives the language tags' ids)."""
+        if not self.multilingual:
+            return [self.src, self.tgt]
+        return sorted({lang for d in self.directions for lang in d})
+
+    def task_flags(self, kd=False):
+        """The task's flags: ``--task translation_kd`` for a KD student (none
+        otherwise), or the multilingual task with its directions and tags.
+
+        Args:
+            kd: a student with a teacher (the plugin's KD task).
+        """
+        if not self.multilingual:
+            return ["--task", "translation_kd"] if kd else []
+        task = MULTILINGUAL_KD_TASK if kd else MULTILINGUAL_TASK
+        return ["--task", task] + multilingual_flags(self.lang_pairs, self.langs)
 
     @property
     def eval_sets(self):
@@ -196,18 +270,30 @@ class Plan:
     rows = property(lambda self: self.config.rows)
 
 
-def generate(cfg, checkpoint, split, beam):
-    """The ``fairseq-generate`` command of one model, split and beam."""
+def generate(cfg, checkpoint, split, beam, direction=None):
+    """The ``fairseq-generate`` command of one model, split, beam and direction.
+
+    Args:
+        direction: ``(src, tgt)`` (default: the recipe's first direction).
+    """
+    src, tgt = direction or (cfg.src, cfg.tgt)
     return generate_command(
         cfg.paths.bin,
         checkpoint,
         split,
         beam,
-        cfg.src,
-        cfg.tgt,
+        src,
+        tgt,
         cfg.preset,
         cfg.subword,
+        task=cfg.task_flags(),
     )
+
+
+def in_direction(folder, pair):
+    """``folder/SRC-TGT`` for a direction of the multilingual recipe, else
+    ``folder`` (the bilingual recipe's files have no per-direction folder)."""
+    return os.path.join(folder, pair) if pair else folder
 
 
 def mkdir_step(path):
@@ -273,8 +359,8 @@ def train_stage(cfg, name, data, arch, train, extra, inputs, group, more=()):
                     tmp(save),
                     arch,
                     train,
-                    cfg.src,
-                    cfg.tgt,
+                    None if cfg.multilingual else cfg.src,
+                    None if cfg.multilingual else cfg.tgt,
                     device,
                     flags,
                     joined=cfg.joined,
@@ -301,7 +387,7 @@ def train_stage(cfg, name, data, arch, train, extra, inputs, group, more=()):
 def raw_inputs(cfg):
     """The raw files the ``normalise`` stage reads."""
     corpus, raw = cfg.corpus, cfg.paths.raw
-    langs = (cfg.src, cfg.tgt)
+    langs = cfg.langs
     if cfg.fetching:
         return [
             os.path.join(raw, f"{stem}.{lang}{corpus.fetched_suffix}")
@@ -315,8 +401,8 @@ def raw_inputs(cfg):
             if path is None:
                 raise SystemExit(
                     f"no {stem}.{lang}[.gz] in {raw}: the {corpus.title} recipe "
-                    f"needs {', '.join(corpus.splits.values())} for {cfg.src} and "
-                    f"{cfg.tgt}"
+                    f"needs {', '.join(corpus.splits.values())} for "
+                    f"{', '.join(langs)}"
                 )
             found.append(path)
     return found
@@ -325,7 +411,7 @@ def raw_inputs(cfg):
 def data_stages(cfg):
     """``fetch`` (downloads only), ``normalise``, ``subword``, ``binarize``."""
     corpus, preset, p = cfg.corpus, cfg.preset, cfg.paths
-    src, tgt = cfg.src, cfg.tgt
+    src, tgt, langs = cfg.src, cfg.tgt, cfg.langs
     splits = list(corpus.splits)
     stages = []
     if cfg.fetching:
@@ -333,18 +419,25 @@ def data_stages(cfg):
             Stage(
                 "fetch",
                 outputs=[p.raw],
-                params={"src": src, "tgt": tgt, "what": corpus.fetch_describe},
+                params={
+                    "src": src,
+                    "tgt": tgt,
+                    "what": corpus.fetch_describe,
+                    **({"lang_pairs": cfg.lang_pairs} if cfg.multilingual else {}),
+                },
                 steps=lambda tmp: [
                     PyStep(
                         f"{corpus.fetch_describe} -> {tmp(p.raw)}",
-                        lambda: corpus.fetch(tmp(p.raw), src, tgt),
+                        lambda: [
+                            corpus.fetch(tmp(p.raw), a, b) for a, b in cfg.directions
+                        ],
                     )
                 ],
                 group="data",
             )
         )
     check = cfg.checksum and bool(corpus.checksums)
-    stems = [f"{stem}.{lang}" for stem in corpus.splits.values() for lang in (src, tgt)]
+    stems = [f"{stem}.{lang}" for stem in corpus.splits.values() for lang in langs]
 
     stems_only = list(corpus.splits.values())
 
@@ -353,16 +446,16 @@ def data_stages(cfg):
         if check:
             steps.append(
                 PyStep(
-                    f"check the sha256 of the raw {src}/{tgt} files in {p.raw}",
+                    f"check the sha256 of the raw {'/'.join(langs)} files in {p.raw}",
                     lambda: verify_sha256(p.raw, corpus.checksums, stems),
                 )
             )
         steps.append(
             PyStep(
                 f"normalise whitespace of {p.raw}/{{{','.join(stems_only)}}}"
-                f".{{{src},{tgt}}} -> {tmp(p.text)}/{{{','.join(splits)}}}.*",
+                f".{{{','.join(langs)}}} -> {tmp(p.text)}/{{{','.join(splits)}}}.*",
                 lambda: prepare_text(
-                    p.raw, tmp(p.text), src, tgt, corpus.splits, preset.limits
+                    p.raw, tmp(p.text), src, tgt, corpus.splits, preset.limits, langs
                 ),
             )
         )
@@ -376,6 +469,7 @@ def data_stages(cfg):
             params={
                 "src": src,
                 "tgt": tgt,
+                **({"langs": langs} if cfg.multilingual else {}),
                 "splits": corpus.splits,
                 "limits": preset.limits,
                 "checksum": check,
@@ -391,22 +485,22 @@ def data_stages(cfg):
 def learned_subword_steps(cfg, tmp):
     """A joint sentencepiece model or BPE codes learnt on train, and applied."""
     preset, p, src, tgt, j = cfg.preset, cfg.paths, cfg.src, cfg.tgt, os.path.join
-    splits = list(cfg.corpus.splits)
+    splits, langs = list(cfg.corpus.splits), cfg.langs
     out = tmp(p.subword)
     if cfg.subword == "spm":
         return [
             mkdir_step(out),
             PyStep(
                 f"train a joint sentencepiece unigram model ({preset.vocab} "
-                f"pieces) on {p.text}/train.{{{src},{tgt}}} -> {out}/spm.model",
+                f"pieces) on {p.text}/train.{{{','.join(langs)}}} -> {out}/spm.model",
                 lambda: train_sentencepiece(
-                    p.text, j(out, "spm"), src, tgt, preset.vocab
+                    p.text, j(out, "spm"), src, tgt, preset.vocab, langs
                 ),
             ),
             PyStep(
                 f"encode {p.text}/* with {out}/spm.model -> {out}/*",
                 lambda: encode_sentencepiece(
-                    j(out, "spm.model"), p.text, out, splits, (src, tgt)
+                    j(out, "spm.model"), p.text, out, splits, langs
                 ),
             ),
         ]
@@ -414,18 +508,16 @@ def learned_subword_steps(cfg, tmp):
         mkdir_step(out),
         Command(
             ["subword-nmt", "learn-joint-bpe-and-vocab"]
-            + ["--input", j(p.text, f"train.{src}"), j(p.text, f"train.{tgt}")]
+            + ["--input"]
+            + [j(p.text, f"train.{lang}") for lang in langs]
             + ["--symbols", preset.vocab, "--output", j(out, "bpe.codes")]
-            + [
-                "--write-vocabulary",
-                j(out, f"vocab.{src}"),
-                j(out, f"vocab.{tgt}"),
-            ],
-            describe="joint BPE (subword-nmt) learnt on both sides of train",
+            + ["--write-vocabulary"]
+            + [j(out, f"vocab.{lang}") for lang in langs],
+            describe="joint BPE (subword-nmt) learnt on every language of train",
         ),
     ]
     for split in splits:
-        for lang in (src, tgt):
+        for lang in langs:
             steps.append(
                 Command(
                     ["subword-nmt", "apply-bpe", "--codes", j(out, "bpe.codes")]
@@ -496,9 +588,60 @@ def dictionary_flags(cfg):
     ]
 
 
+def multilingual_binarize_steps(cfg, tmp):
+    """One dictionary learnt on every language's train, then each direction.
+
+    fairseq-preprocess learns the dictionary from the concatenation of the
+    languages' subword train files (``--only-source --dict-only``, as
+    ``--joined-dictionary`` learns it from both sides of a pair), and
+    binarizes every direction with it into the same folder: the data
+    ``translation_multi_simple_epoch`` reads (``dict.LANG.txt`` per language,
+    all equal, and ``SPLIT.SRC-TGT.LANG.{bin,idx}``).
+    """
+    p, j, out = cfg.paths, os.path.join, tmp(cfg.paths.bin)
+    joint = j(out, "joint")
+    train = [j(p.subword, f"train.{lang}") for lang in cfg.langs]
+    dictionary = j(out, "dict.txt")
+    steps = [
+        mkdir_step(joint),
+        PyStep(
+            f"concatenate {', '.join(train)} -> {j(joint, 'train.joint')}",
+            partial(concatenate, train, j(joint, "train.joint")),
+        ),
+        Command(
+            ["fairseq-preprocess", "--only-source", "--source-lang", "joint"]
+            + ["--trainpref", j(joint, "train"), "--destdir", joint, "--dict-only"]
+            + ["--workers", cfg.preset.workers],
+            describe="one dictionary learnt on the train text of every language",
+        ),
+        PyStep(
+            f"move {j(joint, 'dict.joint.txt')} to {dictionary}; remove {joint}",
+            lambda: (
+                shutil.move(j(joint, "dict.joint.txt"), dictionary),
+                shutil.rmtree(joint),
+            ),
+        ),
+    ]
+    for src, tgt in cfg.directions:
+        steps.append(
+            Command(
+                ["fairseq-preprocess", "--source-lang", src, "--target-lang", tgt]
+                + ["--trainpref", j(p.subword, "train")]
+                + ["--validpref", j(p.subword, "valid")]
+                + ["--testpref", j(p.subword, "test"), "--destdir", out]
+                + ["--srcdict", dictionary, "--tgtdict", dictionary]
+                + ["--workers", cfg.preset.workers],
+                describe=f"binarize {src}-{tgt} with the shared dictionary",
+            )
+        )
+    return steps
+
+
 def binarize_steps(cfg, tmp):
     """``fairseq-preprocess`` of the subword text."""
     p, j = cfg.paths, os.path.join
+    if cfg.multilingual:
+        return multilingual_binarize_steps(cfg, tmp)
     return [
         Command(
             ["fairseq-preprocess", "--source-lang", cfg.src, "--target-lang", cfg.tgt]
@@ -514,6 +657,8 @@ def binarize_steps(cfg, tmp):
 def binarize_stage(cfg):
     """``binarize``: a joined dictionary learnt, or the given teacher's."""
     p, params = cfg.paths, {"joined": cfg.joined}
+    if cfg.multilingual:
+        params["lang_pairs"] = cfg.lang_pairs
     inputs = [p.subword]
     if cfg.teacher is not None:
         params["dicts"] = "given"
@@ -578,7 +723,7 @@ def teacher_stages(cfg):
             p.bin,
             preset.teacher_arch,
             preset.teacher_train,
-            ["--criterion", "label_smoothed_cross_entropy"],
+            cfg.task_flags() + ["--criterion", "label_smoothed_cross_entropy"],
             inputs=[p.bin],
             group="teacher",
         )
@@ -627,11 +772,24 @@ def assemble_distilled(distill_dir, bin_dir, dest, src, tgt):
     return dest
 
 
-def distill_engine_flags(preset):
-    """``--engine``/``--threads`` of fairseq-kd-distill ([] for fairseq's)."""
+def distill_engine_flags(preset, multilingual=False):
+    """``--engine``/``--threads`` of fairseq-kd-distill ([] for fairseq's).
+
+    Args:
+        preset: the :class:`~kd_bench.preset.Preset`.
+        multilingual: a multilingual teacher, which fairseq-kd-distill
+            translates with fairseq's generator only.
+    """
     from kd_bench.commands import ct2_available
 
     if preset.distill_engine != "ctranslate2":
+        return []
+    if multilingual:
+        logger.warning(
+            "fairseq-kd-distill's CTranslate2 engine translates bilingual "
+            "teachers only: the multilingual seq-KD corpora are translated with "
+            "fairseq's generator"
+        )
         return []
     if not ct2_available():
         logger.warning(
@@ -646,7 +804,8 @@ def distill_flags(cfg, select):
     """fairseq-kd-distill's search, selection, length bound and output flags."""
     preset = cfg.preset
     return (
-        ["--beam", preset.distill_beam, "--nbest", preset.distill_nbest]
+        cfg.task_flags()
+        + ["--beam", preset.distill_beam, "--nbest", preset.distill_nbest]
         + ["--select", select, "--post-process", post_process_symbol(cfg.subword)]
         # the table's sentence-BLEU statistics (computed anyway by bleu/chrf)
         + ["--nbest-stats"]
@@ -671,7 +830,7 @@ def seqkd_stages(cfg):
     teacher = p.checkpoint("teacher")
     train_data = {"ref": p.bin}
     needed = {r.data for r in cfg.rows}
-    engine = distill_engine_flags(preset)
+    engine = distill_engine_flags(preset, cfg.multilingual)
     stages = []
     for source, select in SEQKD_SELECT.items():
         if source not in needed and not (
@@ -679,11 +838,20 @@ def seqkd_stages(cfg):
         ):
             continue
         out_dir = p.seqkd(select)
-        train_data[source] = j(out_dir, "data")
+        # the multilingual distillation writes every split of the training
+        # folder beside the distilled train (OUTPUT/bin): nothing to assemble
+        train_data[source] = j(out_dir, DISTILL_BIN if cfg.multilingual else "data")
 
         def steps(tmp, out_dir=out_dir, select=select):
             out = tmp(out_dir)
             nbest = tmp(p.nbest) if select == "top" else p.nbest
+            assemble = PyStep(
+                f"assemble {j(out, 'data')}: distilled train from "
+                f"{j(out, DISTILL_BIN)}, valid/test and dictionaries from {p.bin}",
+                lambda: assemble_distilled(
+                    j(out, DISTILL_BIN), p.bin, j(out, "data"), src, tgt
+                ),
+            )
             return [
                 Command(
                     ["fairseq-kd-distill", p.bin, "--path", teacher]
@@ -701,14 +869,7 @@ def seqkd_stages(cfg):
                     show=("summary",),
                     progress=lambda: Progress("bar", label=f"seqkd:{select}"),
                 ),
-                PyStep(
-                    f"assemble {j(out, 'data')}: distilled train from "
-                    f"{j(out, DISTILL_BIN)}, valid/test and dictionaries from {p.bin}",
-                    lambda: assemble_distilled(
-                        j(out, DISTILL_BIN), p.bin, j(out, "data"), src, tgt
-                    ),
-                ),
-            ]
+            ] + ([] if cfg.multilingual else [assemble])
 
         stages.append(
             Stage(
@@ -823,6 +984,7 @@ def topk_stages(cfg, train_data):
                 steps=lambda tmp, store=store, data_dir=data_dir, source=source: [
                     Command(
                         ["fairseq-kd-dump-topk", data_dir, "--path", teacher]
+                        + cfg.task_flags()
                         + ["--gen-subset", "train", "--output", tmp(store)]
                         + ["--k", preset.topk]
                         + ["--max-tokens", preset.tool_max_tokens]
@@ -848,8 +1010,9 @@ def word_kd_flags(cfg, row, stores):
     """The task/criterion flags of a row, and the inputs they add."""
     preset, teacher = cfg.preset, cfg.paths.checkpoint("teacher")
     if row.kd is None:
-        return ["--criterion", "label_smoothed_cross_entropy"] + list(row.flags), []
-    extra, inputs = ["--task", "translation_kd"], []
+        extra = cfg.task_flags() + ["--criterion", "label_smoothed_cross_entropy"]
+        return extra + list(row.flags), []
+    extra, inputs = cfg.task_flags(kd=True), []
     if row.kd == "offline":
         extra += ["--teacher-topk", stores[row.data]]
         inputs.append(stores[row.data])
@@ -918,45 +1081,50 @@ def curve_checkpoint(model_dir, updates, final):
 
 
 def curve_stages(cfg):
-    """``curve:ROW``: valid BLEU of one row at its intermediate checkpoints."""
+    """``curve:ROW``: valid BLEU of one row at its intermediate checkpoints
+    (in every direction of the multilingual recipe)."""
     curve, p = cfg.preset.curve, cfg.paths
     if curve is None or curve.row not in {r.name for r in cfg.rows}:
         return []
     model_dir = p.model_dir(curve.row)
     points = curve_points(cfg, curve.row)
-    ref = os.path.join(p.text, f"valid.{cfg.tgt}")
+    refs = {tgt: os.path.join(p.text, f"valid.{tgt}") for _, tgt in cfg.directions}
 
     def steps(tmp):
-        out = tmp(p.curve)
-        steps = [mkdir_step(out)]
-        for u in points:
-            ckpt = curve_checkpoint(model_dir, u, points[-1])
+        steps = []
+        for pair, direction in zip(cfg.pairs, cfg.directions):
+            out, ref = in_direction(tmp(p.curve), pair), refs[direction[1]]
+            steps.append(mkdir_step(out))
+            for u in points:
+                ckpt = curve_checkpoint(model_dir, u, points[-1])
+                label = f"valid{f' {pair}' if pair else ''}, {u} updates"
+                steps.append(
+                    Command(
+                        generate(cfg, ckpt, "valid", curve.beam, direction),
+                        on_output=save_translation(out, f"valid.{u}", ref),
+                        progress=lambda ref=ref, label=label: Progress(
+                            "translate", len(read_lines(ref)), label
+                        ),
+                    )
+                )
             steps.append(
-                Command(
-                    generate(cfg, ckpt, "valid", curve.beam),
-                    on_output=save_translation(out, f"valid.{u}", ref),
-                    progress=lambda u=u: Progress(
-                        "translate", len(read_lines(ref)), f"valid, {u} updates"
+                PyStep(
+                    f"sacreBLEU of each checkpoint on valid -> {out}/curve.json",
+                    partial(
+                        score_curve,
+                        {u: os.path.join(out, f"valid.{u}.txt") for u in points},
+                        ref,
+                        os.path.join(out, "curve.json"),
                     ),
                 )
             )
-        steps.append(
-            PyStep(
-                f"sacreBLEU of each checkpoint on valid -> {out}/curve.json",
-                lambda: score_curve(
-                    {u: os.path.join(out, f"valid.{u}.txt") for u in points},
-                    ref,
-                    os.path.join(out, "curve.json"),
-                ),
-            )
-        )
         return steps
 
     return [
         Stage(
             f"curve:{curve.row}",
             outputs=[p.curve],
-            inputs=[p.bin, model_dir, ref],
+            inputs=[p.bin, model_dir] + sorted(set(refs.values())),
             params={"curve": asdict(curve), "points": points},
             steps=steps,
             group="translate",
@@ -968,42 +1136,53 @@ def curve_stages(cfg):
 
 
 def translate_stages(cfg, models):
-    """``translate:MODEL``: fairseq-generate, greedy and beam 5, every eval set."""
+    """``translate:MODEL``: fairseq-generate, greedy and beam 5, every eval set,
+    every direction (``WORK/translations/MODEL[/SRC-TGT]``)."""
     p, stages = cfg.paths, []
     for name, ckpt in models.items():
         out_dir = p.translations(name)
 
-        def steps(tmp, out_dir=out_dir, ckpt=ckpt, name=name):
-            out = tmp(out_dir)
-            steps = [mkdir_step(out)]
-            for split in cfg.eval_sets:
-                ref = os.path.join(p.text, f"{split}.{cfg.tgt}")
-                for beam in EVAL_BEAMS:
-                    steps.append(
-                        Command(
-                            generate(cfg, ckpt, split, beam),
-                            on_output=save_translation(out, f"{split}.beam{beam}", ref),
-                            progress=lambda ref=ref, split=split, beam=beam: Progress(
-                                "translate",
-                                len(read_lines(ref)),
-                                f"{name} {split} beam {beam}",
-                            ),
+        def steps(tmp, ckpt=ckpt, name=name):
+            steps = []
+            for pair, direction in zip(cfg.pairs, cfg.directions):
+                out = in_direction(tmp(p.translations(name)), pair)
+                steps.append(mkdir_step(out))
+                for split in cfg.eval_sets:
+                    ref = os.path.join(p.text, f"{split}.{direction[1]}")
+                    label = f"{name}{f' {pair}' if pair else ''} {split}"
+                    for beam in EVAL_BEAMS:
+                        steps.append(
+                            Command(
+                                generate(cfg, ckpt, split, beam, direction),
+                                on_output=save_translation(
+                                    out, f"{split}.beam{beam}", ref
+                                ),
+                                progress=lambda ref=ref, label=label, beam=beam: (
+                                    Progress(
+                                        "translate",
+                                        len(read_lines(ref)),
+                                        f"{label} beam {beam}",
+                                    )
+                                ),
+                            )
                         )
-                    )
             return steps
 
+        params = {
+            "beams": list(EVAL_BEAMS),
+            "batch_size": cfg.preset.gen_batch_size,
+            "cpu": cfg.preset.gen_cpu,
+            "length": cfg.preset.length_flags(),
+            "splits": list(cfg.eval_sets),
+        }
+        if cfg.multilingual:
+            params["lang_pairs"] = cfg.lang_pairs
         stages.append(
             Stage(
                 f"translate:{name}",
                 outputs=[out_dir],
                 inputs=[p.bin, ckpt],
-                params={
-                    "beams": list(EVAL_BEAMS),
-                    "batch_size": cfg.preset.gen_batch_size,
-                    "cpu": cfg.preset.gen_cpu,
-                    "length": cfg.preset.length_flags(),
-                    "splits": list(cfg.eval_sets),
-                },
+                params=params,
                 steps=steps,
                 group="translate",
             )
@@ -1011,48 +1190,80 @@ def translate_stages(cfg, models):
     return stages
 
 
+def ct2_convert_steps(cfg, ckpt, model):
+    """Convert one model to CTranslate2 int8 (the multilingual one with its tags)."""
+    if not cfg.multilingual:
+        return [
+            Command(ct2_convert_command(ckpt, cfg.paths.bin, cfg.src, cfg.tgt, model))
+        ]
+    return [
+        PyStep(
+            f"convert {ckpt} to CTranslate2 int8 -> {model} (fairseq_kd."
+            "ct2_multilingual.convert: exported in memory, weights-only, the "
+            "language-tag settings beside it)",
+            lambda: ct2_multilingual_convert(ckpt, model, cfg.paths.bin),
+        )
+    ]
+
+
+def ct2_multilingual_convert(checkpoint, model, data):
+    """:func:`fairseq_kd.ct2_multilingual.convert` to int8 (imported when run)."""
+    from fairseq_kd import ct2_multilingual
+
+    return ct2_multilingual.convert(checkpoint, model, data=data, quantization="int8")
+
+
 def ct2_stages(cfg, models):
-    """``ct2:MODEL``: CTranslate2 int8 on the test set, greedy and beam 5."""
+    """``ct2:MODEL``: CTranslate2 int8 on the test set, greedy and beam 5, every
+    direction (one converted model serves them all)."""
     if not cfg.use_ct2:
         return []
     p, preset, stages = cfg.paths, cfg.preset, []
-    test_src = os.path.join(p.subword, f"test.{cfg.src}")
+    sources = {src: os.path.join(p.subword, f"test.{src}") for src, _ in cfg.directions}
     for name, ckpt in models.items():
         out_dir = p.ct2(name)
 
         def steps(tmp, out_dir=out_dir, ckpt=ckpt):
-            out = tmp(out_dir)
-            model = os.path.join(out, "model")
-            return [
-                mkdir_step(out),
-                Command(ct2_convert_command(ckpt, p.bin, cfg.src, cfg.tgt, model)),
-                PyStep(
-                    f"translate {test_src} with CTranslate2 int8 on the CPU, "
-                    f"beams {list(EVAL_BEAMS)}, timed -> {out}",
-                    lambda: ct2_translate(
-                        model,
-                        test_src,
-                        out,
-                        EVAL_BEAMS,
-                        preset.gen_batch_size,
-                        post_process_symbol(cfg.subword),
-                        preset.max_len_a,
-                        preset.max_len_b,
-                    ),
-                ),
-            ]
+            model = os.path.join(tmp(out_dir), "model")
+            steps = [mkdir_step(tmp(out_dir))] + ct2_convert_steps(cfg, ckpt, model)
+            for pair, direction in zip(cfg.pairs, cfg.directions):
+                out, test_src = in_direction(tmp(out_dir), pair), sources[direction[0]]
+                steps += [mkdir_step(out)] if pair else []
+                steps.append(
+                    PyStep(
+                        f"translate {test_src} with CTranslate2 int8 on the CPU"
+                        + (f" ({pair}, its language tags)" if pair else "")
+                        + f", beams {list(EVAL_BEAMS)}, timed -> {out}",
+                        partial(
+                            ct2_translate,
+                            model,
+                            test_src,
+                            out,
+                            EVAL_BEAMS,
+                            preset.gen_batch_size,
+                            post_process_symbol(cfg.subword),
+                            preset.max_len_a,
+                            preset.max_len_b,
+                            direction=direction if pair else None,
+                        ),
+                    )
+                )
+            return steps
 
+        params = {
+            "quantization": "int8",
+            "beams": list(EVAL_BEAMS),
+            "batch_size": preset.gen_batch_size,
+            "length": preset.length_flags(),
+        }
+        if cfg.multilingual:
+            params["lang_pairs"] = cfg.lang_pairs
         stages.append(
             Stage(
                 f"ct2:{name}",
                 outputs=[out_dir],
-                inputs=[ckpt, p.bin, test_src],
-                params={
-                    "quantization": "int8",
-                    "beams": list(EVAL_BEAMS),
-                    "batch_size": preset.gen_batch_size,
-                    "length": preset.length_flags(),
-                },
+                inputs=[ckpt, p.bin] + sorted(set(sources.values())),
+                params=params,
                 steps=steps,
                 group="ct2",
             )
@@ -1069,7 +1280,7 @@ def describe(cfg):
     meta = {
         "recipe": cfg.corpus.key,
         "corpus": cfg.corpus.title,
-        "pair": f"{cfg.src}-{cfg.tgt}",
+        "pair": cfg.pair_label,
         "preset": cfg.preset_name,
         "subword": cfg.subword,
         "command": cfg.command,
@@ -1098,6 +1309,10 @@ def describe(cfg):
         },
         "reference": cfg.corpus.reference,
     }
+    if cfg.multilingual:
+        meta["lang_pairs"] = list(cfg.lang_pairs)
+        meta["langs"] = list(cfg.langs)
+        meta["task"] = MULTILINGUAL_TASK
     if cfg.teacher is not None:  # not trained here: no architecture or budget
         meta["teacher_given"] = cfg.teacher.describe()
         meta["rows"][0]["label"] = "teacher (given)"
@@ -1108,7 +1323,8 @@ def describe(cfg):
 def report_stages(cfg, models, extra_inputs=()):
     """``score`` (sacreBLEU/chrF, parameters, times) and ``table``."""
     p, meta = cfg.paths, describe(cfg)
-    inputs = [os.path.join(p.text, f"{s}.{cfg.tgt}") for s in cfg.eval_sets]
+    tgts = sorted({tgt for _, tgt in cfg.directions})
+    inputs = [os.path.join(p.text, f"{s}.{t}") for s in cfg.eval_sets for t in tgts]
     inputs += [p.translations(n) for n in models]
     inputs += [p.ct2(n) for n in models] if cfg.use_ct2 else []
     inputs += list(models.values()) + list(extra_inputs)
@@ -1133,6 +1349,7 @@ def report_stages(cfg, models, extra_inputs=()):
                         cfg.tgt,
                         report.environment(),
                         tmp(p.scores),
+                        lang_pairs=cfg.lang_pairs,
                     ),
                 )
             ],
@@ -1175,7 +1392,11 @@ def build_plan(cfg):
     models = {"teacher": cfg.paths.checkpoint("teacher"), **rows}
     curve = curve_stages(cfg)
     extra = [cfg.paths.engines_json for s in seqkd if s.name == "seqkd:engines"]
-    extra += [os.path.join(cfg.paths.curve, "curve.json") for _ in curve]
+    extra += [
+        os.path.join(cfg.paths.curve_dir(pair), "curve.json")
+        for _ in curve
+        for pair in cfg.pairs
+    ]
     stages += seqkd + topk + students + curve
     stages += translate_stages(cfg, models) + ct2_stages(cfg, models)
     stages += report_stages(cfg, models, extra)

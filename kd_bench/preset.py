@@ -274,6 +274,35 @@ CPU = Preset(
     curve=Curve("seq-inter+word-kd", every=200),
 )
 
+#: The multilingual recipe (``--lang-pairs de-en,cs-en``) in under two hours on
+#: 2 CPU cores: one teacher for both directions, three students.
+#:
+#: Estimate (not run; from the bilingual cpu table's timings on 2 cores, 29,000
+#: training sentences per direction): data ~1.5 min (sentencepiece on three
+#: languages, two fairseq-preprocess runs); teacher 3+3 d256, 1,000 updates x
+#: 1.9 s = 32 min; seq-KD: fairseq-kd-distill translates multilingual teachers
+#: with fairseq's generator only (its CTranslate2 engine is bilingual), ~33
+#: sentences/s at beam 5 (the bilingual engine comparison), 58,000 sentences =
+#: 29 min, then Seq-Inter's selection ~1 min; the teacher's top-8 over the
+#: Seq-Inter corpus, 2 x ~130 s = 4.5 min; three students 3+1 d128 (baseline,
+#: seq-KD, Seq-Inter + word-KD, the bilingual table's best KD rows), 700
+#: updates x 0.9 s = 10.5 min each, 31.5 min; fairseq-generate, 4 models x 2
+#: directions x ~35 s (test and valid, greedy and beam 5) = 4.7 min;
+#: CTranslate2 int8, 4 x 2 x ~6 s plus four conversions = ~1.2 min; the valid
+#: curve of Seq-Inter + word-KD (checkpoints 200, 400, 600, 700; beam 5, 2
+#: directions x ~12 s each) ~1.6 min; scoring ~0.5 min. Total ~108 min.
+CPU_MULTILINGUAL = Preset(
+    vocab=8000,
+    teacher_arch=transformer_arch(3, 3, 256, 1024, 4),
+    teacher_train=TrainSettings(1000, "1e-3", 300, 4096, 0.3),
+    student_arch=transformer_arch(3, 1, 128, 512, 4),
+    student_train=TrainSettings(700, "1.5e-3", 150, 4096, 0.1),
+    topk=8,
+    tool_max_tokens=12000,
+    rows=("baseline", "seq-kd", "seq-inter+word-kd"),
+    curve=Curve("seq-inter+word-kd", every=200),
+)
+
 #: A machine with a GPU: transformer_iwslt_de_en-sized teacher; translation
 #: speed is still measured on the CPU.
 GPU = Preset(

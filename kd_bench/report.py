@@ -83,23 +83,19 @@ def _get(d, *keys):
     return d
 
 
-def build_results(scores, meta):
-    """One results dict from the recipe's scores and its description.
+def build_rows(models, specs):
+    """The table's rows of one direction: each model's scores and speeds, its
+    speed-up relative to the teacher and its greedy decoding against the
+    teacher's beam 5.
 
     Args:
-        scores: the ``score`` stage's JSON (per-model BLEU/chrF, speeds,
-            parameters, training times; date, machine, versions).
-        meta: the recipe's description (corpus, pair, preset, command, rows,
-            settings, published reference).
-
-    Returns:
-        The dict written to ``results.json``; rows in table order, each with
-        its speed-up relative to the teacher, plus the goals' verdicts.
+        models: model name -> the ``score`` stage's entry.
+        specs: the recipe's rows (``name``, ``label``...), in table order.
     """
-    teacher = scores["models"].get("teacher", {})
+    teacher = models.get("teacher", {})
     rows = []
-    for spec in meta["rows"]:
-        m = scores["models"].get(spec["name"])
+    for spec in specs:
+        m = models.get(spec["name"])
         if m is None:
             continue
         row = dict(spec)
@@ -117,6 +113,27 @@ def build_results(scores, meta):
             )
             row["speedup"][beam] = round(mine / theirs, 2) if mine and theirs else None
         rows.append(row)
+    return rows
+
+
+def build_results(scores, meta):
+    """One results dict from the recipe's scores and its description.
+
+    Args:
+        scores: the ``score`` stage's JSON (per-model BLEU/chrF, speeds,
+            parameters, training times; date, machine, versions), per
+            direction under ``directions`` for the multilingual recipe.
+        meta: the recipe's description (corpus, pair, preset, command, rows,
+            settings, published reference).
+
+    Returns:
+        The dict written to ``results.json``; rows in table order, each with
+        its speed-up relative to the teacher, plus the goals' verdicts. For
+        the multilingual recipe, the rows and goals of each direction under
+        ``directions: {"de-en": {"rows", "goals", "teacher_share"[,
+        "curve"]}, ...}`` (:func:`direction_results` gives one direction as
+        a bilingual results dict).
+    """
     # corpus, pair, preset, command, settings, goals' thresholds, reference...
     results = {k: v for k, v in meta.items() if k not in ("rows",)}
     for key in (
@@ -135,9 +152,68 @@ def build_results(scores, meta):
         "bleu": scores.get("bleu_signature"),
         "chrf": scores.get("chrf_signature"),
     }
+    if "directions" in scores:
+        results["directions"] = {}
+        for pair in ordered_pairs(meta, scores["directions"]):
+            found = scores["directions"][pair]
+            rows = build_rows(found["models"], meta["rows"])
+            entry = {
+                "rows": rows,
+                "goals": check_goals(rows, meta.get("goal_settings")),
+                "teacher_share": teacher_shares(rows),
+            }
+            if found.get("curve"):
+                entry["curve"] = found["curve"]
+            results["directions"][pair] = entry
+        return results
+    rows = build_rows(scores["models"], meta["rows"])
     results["rows"] = rows
     results["goals"] = check_goals(rows, meta.get("goal_settings"))
     return results
+
+
+def direction_results(results, pair):
+    """One direction of multilingual results as a bilingual results dict
+    (its ``rows``, ``goals`` and ``curve``; ``pair`` is the direction)."""
+    found = results["directions"][pair]
+    view = {k: v for k, v in results.items() if k not in ("directions", "curve")}
+    view.update(pair=pair, rows=found["rows"], goals=found["goals"])
+    if found.get("curve"):
+        view["curve"] = found["curve"]
+    return view
+
+
+def ordered_pairs(results, directions):
+    """The directions in ``--lang-pairs`` order (``results["lang_pairs"]``;
+    JSON files are written with sorted keys), then any other."""
+    given = [p for p in results.get("lang_pairs") or [] if p in directions]
+    return given + [p for p in directions if p not in given]
+
+
+def directions_of(results):
+    """``[(pair or None, bilingual results dict)]``: each direction's results
+    in ``--lang-pairs`` order (the bilingual results themselves, with None)."""
+    if "directions" not in results:
+        return [(None, results)]
+    return [
+        (pair, direction_results(results, pair))
+        for pair in ordered_pairs(results, results["directions"])
+    ]
+
+
+def teacher_shares(rows):
+    """Each student's test BLEU as a share of the teacher's beam-5 BLEU.
+
+    Returns:
+        ``{row: {"beam1": greedy BLEU / teacher's beam 5, "beam5": beam 5 /
+        teacher's beam 5}}`` (None where unknown).
+    """
+    teacher = next((r for r in rows if r["name"] == "teacher"), None)
+    return {
+        r["name"]: {b: _ratio(_bleu(r, beam=b), _bleu(teacher)) for b in BEAMS}
+        for r in rows
+        if r["name"] != "teacher"
+    }
 
 
 def _bleu(row, split="test", beam="beam5"):
@@ -275,8 +351,13 @@ def summary_text(results):
     (fairseq) and the speed-up over the teacher, with beam 5 and greedy.
 
     Args:
-        results: the dict of :func:`build_results`.
+        results: the dict of :func:`build_results` (multilingual: one block
+            per direction).
     """
+    if "directions" in results:
+        return "\n\n".join(
+            f"{pair}:\n" + summary_text(view) for pair, view in directions_of(results)
+        )
     rows = main_rows(results["rows"])
     by_name = {r["name"]: r for r in rows}
     teacher = by_name.get("teacher")
@@ -424,36 +505,10 @@ def teacher_setup(results):
     ]
 
 
-def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
-    """The whole RESULTS.md text.
-
-    Args:
-        results: the dict of :func:`build_results`.
-        reading: the hand-written reading to keep (placeholder when None).
-        plot_name: the plot's file name beside RESULTS.md.
-    """
-    sets = results.get("eval_sets", {})
-    machine = results.get("machine", {})
-    settings = results.get("settings", {})
-    versions = ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items())
-    goals = "\n".join(
-        f"- {'met' if g['met'] else '**not met**'}: {g['goal']} ({g['detail']})"
-        for g in results.get("goals", [])
-    )
-    sig = results.get("signatures", {})
-    out = [
-        f"# {results.get('corpus', '')} {results.get('pair', '')}: knowledge "
-        f"distillation, {results.get('preset', '')} preset",
-        "",
-        "Reproduce from scratch (resumes where it stopped):",
-        "",
-        "```bash",
-        results.get("command", ""),
-        "```",
-        "",
-        markdown_table(results, main_rows(results["rows"])),
-        "",
-    ]
+def tables_section(results):
+    """Markdown lines of one direction's tables: the rows the goals are read
+    on, then the rows trained for a shorter budget."""
+    out = [markdown_table(results, main_rows(results["rows"])), ""]
     for updates, rows in side_tables(results["rows"]):
         out += [
             f"Rows trained for {updates} updates only (a shorter budget, to "
@@ -463,6 +518,92 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
             markdown_table(results, rows),
             "",
         ]
+    return out
+
+
+def goals_lines(goals):
+    """The goals' verdicts as Markdown list items."""
+    return "\n".join(
+        f"- {'met' if g['met'] else '**not met**'}: {g['goal']} ({g['detail']})"
+        for g in goals
+    )
+
+
+def share_section(results):
+    """Markdown lines: each student's share of the teacher, per direction."""
+    pairs = ordered_pairs(results, results["directions"])
+    first = results["directions"][pairs[0]]["rows"]
+    test = results.get("eval_sets", {}).get("test", "test")
+    out = [
+        "## The student's share of the teacher, per direction",
+        "",
+        f"BLEU on {test} as a share of the teacher's beam-5 BLEU in the same "
+        "direction, the student decoded greedily / with beam 5 (the teacher's "
+        "row: its beam-5 BLEU).",
+        "",
+        "| model | " + " | ".join(pairs) + " |",
+        "|" + " --- |" * (len(pairs) + 1),
+    ]
+    pct = lambda v: "–" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    for spec in first:
+        name, cells = spec["name"], []
+        for pair in pairs:
+            found = results["directions"][pair]
+            if name == "teacher":
+                row = next((r for r in found["rows"] if r["name"] == name), None)
+                bleu = _bleu(row) if row else None
+                cells.append("–" if bleu is None else f"BLEU {bleu:.2f}")
+                continue
+            share = found.get("teacher_share", {}).get(name)
+            cells.append(" / ".join(pct(share.get(b)) for b in BEAMS) if share else "–")
+        out.append(f"| {spec.get('label', name)} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
+    """The whole RESULTS.md text.
+
+    Args:
+        results: the dict of :func:`build_results` (multilingual: one table
+            and one list of goals per direction, and each student's share of
+            the teacher per direction).
+        reading: the hand-written reading to keep (placeholder when None).
+        plot_name: the plot's file name beside RESULTS.md.
+    """
+    sets = results.get("eval_sets", {})
+    machine = results.get("machine", {})
+    settings = results.get("settings", {})
+    versions = ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items())
+    multilingual = "directions" in results
+    views = directions_of(results)
+    sig = results.get("signatures", {})
+    out = [
+        f"# {results.get('corpus', '')} {results.get('pair', '')}: "
+        + ("multilingual " if multilingual else "")
+        + f"knowledge distillation, {results.get('preset', '')} preset",
+        "",
+        "Reproduce from scratch (resumes where it stopped):",
+        "",
+        "```bash",
+        results.get("command", ""),
+        "```",
+        "",
+    ]
+    if multilingual:
+        out += [
+            "One teacher, and one model per student row, serve every direction "
+            f"({', '.join(ordered_pairs(results, results['directions']))}), "
+            "trained with fairseq's "
+            f"`{results.get('task', 'translation_multi_simple_epoch')}` (languages "
+            f"{', '.join(results.get('langs', []))}, the source language's tag "
+            "before each source, the target's forced as the first output token); "
+            "each direction is translated and scored on its own.",
+            "",
+        ]
+    for pair, view in views:
+        out += ([f"## {pair}", ""] if pair else []) + tables_section(view)
+    if multilingual:
+        out += share_section(results)
     out += [
         f"BLEU and chrF: sacreBLEU on detokenised, cased output against the raw "
         f"references of {sets.get('test', 'test')} (test) and "
@@ -476,7 +617,14 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
         "engine (fairseq's `--max-len-a`/`--max-len-b`); speed-up = the "
         "model's speed over the teacher's at the same beam. CTranslate2: the "
         "same checkpoint converted with `ct2-fairseq-converter --quantization "
-        "int8`, same sentences, batch size and length bound. The last column "
+        "int8`"
+        + (
+            " (through `fairseq_kd.ct2_multilingual`, the direction's language "
+            "tags given as fairseq gives them)"
+            if multilingual
+            else ""
+        )
+        + ", same sentences, batch size and length bound. The last column "
         "puts each student decoded greedily against the teacher's beam 5 "
         "(its share of the teacher's BLEU on test, its speed-up in fairseq and "
         "in CTranslate2 int8). Train time: wall time of "
@@ -487,8 +635,11 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
         "",
         "## Goals (checked automatically)",
         "",
-        goals or "- (no goals could be checked)",
-        "",
+    ]
+    for pair, view in views:
+        text = goals_lines(view.get("goals", [])) or "- (no goals could be checked)"
+        out += ([f"{pair}:", ""] if pair else []) + [text, ""]
+    out += [
         "## Reading",
         "",
         READING_START,
@@ -518,7 +669,8 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
         f"{settings.get('kd_temperature', '?')}, teacher top-"
         f"{settings.get('topk', '?')} (offline store and live alike)",
     ]
-    out += curve_section(results.get("curve"), settings.get("curve"))
+    for pair, view in views:
+        out += curve_section(view.get("curve"), settings.get("curve"), pair)
     out += seqkd_section(results.get("seqkd"))
     out += engines_section(results.get("seqkd_engines"))
     out += stages_section(results.get("stage_seconds"))
@@ -527,19 +679,20 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
     return "\n".join(out) + "\n"
 
 
-def curve_section(curve, spec):
+def curve_section(curve, spec, pair=None):
     """Markdown lines on valid BLEU at intermediate checkpoints (empty without).
 
     Args:
         curve: ``{"points": [{"updates", "bleu", "chrf"}]}``.
         spec: the preset's curve settings (``row``, ``every``, ``beam``).
+        pair: the direction (multilingual recipe), named in the title.
     """
     if not curve or not curve.get("points"):
         return []
     spec = spec or {}
     out = [
         "",
-        "## Valid BLEU by training updates",
+        "## Valid BLEU by training updates" + (f", {pair}" if pair else ""),
         "",
         f"Row `{spec.get('row', '?')}`, a checkpoint every "
         f"{spec.get('every', '?')} updates, decoded with beam "
@@ -644,7 +797,8 @@ def stages_section(seconds):
 
 
 def plot(results, path):
-    """BLEU (test) against sentences/s for every row, greedy and beam 5.
+    """BLEU (test) against sentences/s for every row, greedy and beam 5 (one
+    panel per direction of the multilingual recipe).
 
     Args:
         results: the dict of :func:`build_results`.
@@ -657,9 +811,22 @@ def plot(results, path):
     matplotlib.use("Agg")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
+
+    views = directions_of(results)
+    fig, axes = plt.subplots(
+        1, len(views), figsize=(7.5 * len(views), 5), squeeze=False
+    )
+    for ax, (_, view) in zip(axes[0], views):
+        plot_rows(ax, view)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def plot_rows(ax, results):
+    """One panel of :func:`plot`: the rows of one direction."""
     from matplotlib.ticker import ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
     markers = {"beam1": "o", "beam5": "s"}
     for i, row in enumerate(results["rows"]):
         color = f"C{i % 10}"
@@ -695,9 +862,6 @@ def plot(results, path):
         fontsize=9,
     )
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
 
 
 def write_results(scores, meta, paths, existing_md=None):

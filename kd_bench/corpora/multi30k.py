@@ -1,13 +1,15 @@
 """Multi30k task 1 (de, fr, cs <-> en): a local copy or the public raw files.
 
-``python -m kd_bench multi30k --preset cpu`` (``examples/multi30k/run.sh``).
+``python -m kd_bench multi30k --preset cpu`` (``examples/multi30k/run.sh``);
+``--lang-pairs de-en,cs-en`` runs the multilingual recipe (one teacher and one
+student for every direction).
 """
 
 import os
 
 from kd_bench.corpus import Corpus
 from kd_bench.data import default_shared_folder, download
-from kd_bench.preset import CPU, GPU, QUICKSTART, TINY
+from kd_bench.preset import CPU, CPU_MULTILINGUAL, GPU, QUICKSTART, TINY
 
 URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
 SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
@@ -74,4 +76,6 @@ CORPUS = Corpus(
     fetched_suffix=".gz",
     checksums=SHA256,
     reference=REFERENCE,
+    lang_pairs="de-en,cs-en",
+    multilingual_presets={"cpu": CPU_MULTILINGUAL},
 )
