@@ -1,6 +1,6 @@
 """Typed presets of the recipes: sizes, training budgets, decoding, goals, rows."""
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 
@@ -291,14 +291,15 @@ CPU = Preset(
 #: CTranslate2 int8, 4 x 2 x ~6 s plus four conversions = ~1.2 min; the valid
 #: curve of Seq-Inter + word-KD (checkpoints 200, 400, 600, 700; beam 5, 2
 #: directions x ~12 s each) ~1.6 min; scoring ~0.5 min. Total ~108 min.
-CPU_MULTILINGUAL = Preset(
-    vocab=8000,
-    teacher_arch=transformer_arch(3, 3, 256, 1024, 4),
+CPU_MULTILINGUAL = replace(
+    CPU,  # its vocabulary, teacher and student sizes, top-k and tool batches
     teacher_train=TrainSettings(1000, "1e-3", 300, 4096, 0.3),
-    student_arch=transformer_arch(3, 1, 128, 512, 4),
     student_train=TrainSettings(700, "1.5e-3", 150, 4096, 0.1),
-    topk=8,
-    tool_max_tokens=12000,
+    row_updates={},
+    # fairseq's generator: the distiller's CTranslate2 engine is bilingual
+    distill_engine="fairseq",
+    distill_threads=0,
+    distill_compare=0,
     rows=("baseline", "seq-kd", "seq-inter+word-kd"),
     curve=Curve("seq-inter+word-kd", every=200),
 )
