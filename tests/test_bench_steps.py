@@ -433,12 +433,21 @@ def _alive(pid):
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+def _sigint_default():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_terminated_harness_leaves_no_command_running(tmp_path, sig):
     pid_file = tmp_path / "child.pid"
     env = {**os.environ, "PYTHONPATH": REPO}
     harness = subprocess.Popen(
-        [sys.executable, "-c", HARNESS_RUNNING_A_CHILD, str(pid_file)], env=env
+        [sys.executable, "-c", HARNESS_RUNNING_A_CHILD, str(pid_file)],
+        env=env,
+        # SIGINT as a terminal's foreground job has it: a shell starts a
+        # background job (`pytest &`, nohup) with SIGINT ignored, the harness
+        # inherits that, and rightly ignores the test's SIGINT too
+        preexec_fn=_sigint_default,
     )
     deadline = time.time() + 60
     while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
