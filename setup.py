@@ -37,7 +37,15 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "black", "isort", "flake8", "matplotlib", "ctranslate2>=4.0"],
+        "dev": [
+            "pytest",
+            "pytest-xdist",
+            "black",
+            "isort",
+            "flake8",
+            "matplotlib",
+            "ctranslate2>=4.0",
+        ],
         "ct2": ["ctranslate2>=4.0"],
         # the benchmark recipes (examples/multi30k ...): the BLEU-vs-speed plot
         # and CTranslate2 int8 speeds

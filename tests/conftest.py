@@ -15,6 +15,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_kd")
 MULTI30K = default_shared_folder("multi30k", REPO, env="MULTI30K_DIR")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker: the workers share the machine's cores, and the
+    # fairseq commands the tests start inherit it (corpus.run sets it too)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def corpus_text(tmp_path_factory):

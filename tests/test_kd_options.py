@@ -853,8 +853,9 @@ def test_the_host_sync_check_leaves_torch_tensor_as_it_was(tmp_path):
     )
     here = os.path.dirname(os.path.abspath(__file__))
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         f"{here}/test_kd_options.py::test_the_host_sync_check_has_teeth",
+        # one process (no xdist workers): the probe must run after the check
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n",
+         "0", f"{here}/test_kd_options.py::test_the_host_sync_check_has_teeth",
          str(probe)],  # fmt: skip
         capture_output=True,
         text=True,
