@@ -289,19 +289,23 @@ def test_the_bilingual_report_is_unchanged_by_the_direction_views():
 @pytest.mark.slow
 @pytest.mark.skipif(MULTI30K is None, reason="Multi30k is not on this machine")
 def test_tiny_multilingual_run_on_a_slice_of_multi30k(tmp_path, monkeypatch):
-    """de-en and cs-en, one teacher and one student, end to end (tiny)."""
+    """de-en and cs-en: the teacher, a student without KD and the recipe's
+    best KD row (seq-KD over both directions, the teacher's top-k over the
+    Seq-Inter corpus, the multilingual KD task), end to end (tiny)."""
     sizes = {"train": 300, "valid": 10, "test": 12}
     monkeypatch.setattr(TINY, "limits", sizes)
     work = tmp_path / "w"
     argv = ["multi30k", "--preset", "tiny", "--lang-pairs", PAIRS]
-    argv += ["--work", str(work), "--rows", "baseline", "--data", MULTI30K]
+    argv += ["--work", str(work), "--rows", "baseline,seq-inter+word-kd"]
+    argv += ["--data", MULTI30K]
     plan = cli.main(argv)
     results = read_json(os.path.join(plan.results, "results.json"))
     assert sorted(results["directions"]) == ["cs-en", "de-en"]
     assert results["lang_pairs"] == ["de-en", "cs-en"]
     for pair in ("de-en", "cs-en"):
         rows = results["directions"][pair]["rows"]
-        assert [r["name"] for r in rows] == ["teacher", "baseline"]
+        names = [r["name"] for r in rows]
+        assert names == ["teacher", "baseline", "seq-inter+word-kd"]
         for row in rows:
             for split in ("test", "valid"):
                 for beam in ("beam1", "beam5"):
@@ -314,7 +318,7 @@ def test_tiny_multilingual_run_on_a_slice_of_multi30k(tmp_path, monkeypatch):
                 assert len(hyps) == 12 and not any("__en__" in h for h in hyps)
     # each direction's hypotheses are what fairseq-generate printed for its
     # own source, read with its own language tag (the logs' S- lines)
-    for model in ("teacher", "baseline"):
+    for model in ("teacher", "baseline", "seq-inter+word-kd"):
         logs = glob.glob(os.path.join(plan.work, "logs", f"translate__{model}.*.log"))
         found = []
         for log in logs:
@@ -333,5 +337,21 @@ def test_tiny_multilingual_run_on_a_slice_of_multi30k(tmp_path, monkeypatch):
         assert sorted(found) == sorted(
             (src, split) for src in ("cs", "de") for split in ("test", "valid") * 2
         )
+    # the KD row: Seq-Inter over both directions, the teacher's top-k of each
+    # direction's Seq-Inter corpus, the multilingual KD task with its KD term
+    seqkd = os.path.join(plan.work, "seqkd", "bleu")
+    summary = read_json(os.path.join(seqkd, "train.summary.json"))
+    for pair in ("de-en", "cs-en"):
+        direction = summary["directions"][pair]
+        assert direction["select"] == "bleu" and direction["sentences"] == 300
+        store = os.path.join(plan.work, "topk", "seqkd-bleu", pair, "header.json")
+        header = read_json(store)
+        assert header["direction"]["lang_pair"] == pair
+        assert header["num_sentences"] == 300
+        assert header["data_folder"] == os.path.join(seqkd, "bin")
+    (log,) = glob.glob(os.path.join(plan.work, "logs", "student__seq-inter+*.log"))
+    text = open(log, encoding="utf-8").read()
+    assert "translation_multi_simple_epoch_kd" in text
+    assert re.search(r"\bkd_loss=\d", text)
     md = open(os.path.join(plan.results, "RESULTS.md")).read()
     assert 0 < md.index("\n## de-en\n") < md.index("\n## cs-en\n")  # as given
