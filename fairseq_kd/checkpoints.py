@@ -301,6 +301,48 @@ def check_teacher_dictionaries(
         )
 
 
+def check_teacher(path, state, task, dict_dir=None, check_state=None, find_dicts=None):
+    """Refuse a teacher that does not fit ``task``, before building it.
+
+    The task's own ``check_teacher_state(path, state)`` (or ``check_state``)
+    first, then the dictionaries (:func:`check_teacher_dictionaries`, with the
+    teacher's dictionaries found by ``find_dicts`` or the task's
+    ``teacher_dictionaries``, if any). Every engine that reads a teacher for
+    ``task`` runs these checks (see :func:`load_teacher_ensemble`).
+
+    Args:
+        path: the checkpoint (for messages).
+        state: its loaded state.
+        task: the task whose dictionaries the teacher must share.
+        dict_dir: ``--teacher-dict-dir``.
+        check_state: ``check(path, state)``; default: the task's
+            ``check_teacher_state``, if any.
+        find_dicts: ``find(path, state, dict_dir)``; default: the task's
+            ``teacher_dictionaries``, if any.
+
+    Raises:
+        ValueError: the teacher does not fit (the message says what differs).
+    """
+    task_cfg = getattr(task, "cfg", None)
+    langs = (
+        getattr(task_cfg, "source_lang", None),
+        getattr(task_cfg, "target_lang", None),
+    )
+    check = check_state or getattr(task, "check_teacher_state", None)
+    if check is not None:
+        check(path, state)
+    find = find_dicts or getattr(task, "teacher_dictionaries", None)
+    check_teacher_dictionaries(
+        path,
+        state,
+        task.source_dictionary,
+        task.target_dictionary,
+        *langs,
+        dict_dir=dict_dir,
+        teacher_dicts=find(path, state, dict_dir) if find else None,
+    )
+
+
 def load_teacher_ensemble(
     paths, task, dict_dir=None, check_state=None, find_dicts=None
 ):
@@ -329,26 +371,9 @@ def load_teacher_ensemble(
         A list of ``FairseqModel`` instances.
     """
     teachers = []
-    task_cfg = getattr(task, "cfg", None)
-    langs = (
-        getattr(task_cfg, "source_lang", None),
-        getattr(task_cfg, "target_lang", None),
-    )
     for path in split_checkpoint_paths(paths):
         state = load_checkpoint(path)
-        check = check_state or getattr(task, "check_teacher_state", None)
-        if check is not None:
-            check(path, state)
-        find = find_dicts or getattr(task, "teacher_dictionaries", None)
-        check_teacher_dictionaries(
-            path,
-            state,
-            task.source_dictionary,
-            task.target_dictionary,
-            *langs,
-            dict_dir=dict_dir,
-            teacher_dicts=find(path, state, dict_dir) if find else None,
-        )
+        check_teacher(path, state, task, dict_dir, check_state, find_dicts)
         cfg = teacher_config(state)
         model = models.build_model(cfg.model, task, from_checkpoint=True)
         model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)

@@ -142,12 +142,35 @@ def convert(checkpoint, output_dir, data=None, quantization="int8"):
     Returns:
         ``output_dir``.
     """
+    from fairseq_kd.checkpoints import load_checkpoint
+
+    state = load_checkpoint(checkpoint, trusted_fallback=True)
+    return convert_state(state, output_dir, data, quantization)
+
+
+def convert_state(state, output_dir, data=None, quantization="int8", pair=None):
+    """:func:`convert` of a checkpoint already loaded (a student or a teacher).
+
+    Args:
+        state: the checkpoint, as :func:`fairseq_kd.checkpoints.load_checkpoint`
+            returns it.
+        output_dir: the CTranslate2 model's folder (replaced when complete).
+        data: folder with the dictionaries (default: the checkpoint's
+            ``task.data``, its first folder).
+        quantization: CTranslate2 weight type (``int8``, ``float32``...;
+            None: the checkpoint's).
+        pair: ``(source, target)``: the direction whose ``dict.SRC.txt`` and
+            ``dict.TGT.txt`` the converter reads (default: the first of the
+            checkpoint's ``--lang-pairs``).
+
+    Returns:
+        ``output_dir``.
+    """
     from fairseq import utils
 
     from fairseq_kd import export
-    from fairseq_kd.checkpoints import load_checkpoint
 
-    state = export.export_state(load_checkpoint(checkpoint, trusted_fallback=True))
+    state = export.export_state(state)
     task_cfg = state["cfg"]["task"]
     langtok_settings(task_cfg)  # refuse a model without tags before converting
     if data is None and task_cfg.get("data"):
@@ -157,7 +180,7 @@ def convert(checkpoint, output_dir, data=None, quantization="int8"):
             f"the dictionaries' folder {data!r} does not exist: pass data= "
             "(the folder the student was trained on)"
         )
-    src, tgt = export.multilingual_pair(task_cfg)
+    src, tgt = export.multilingual_pair(task_cfg, *(pair or ()))
     return export.convert_to_ct2(state, data, src, tgt, output_dir, quantization)
 
 

@@ -52,8 +52,11 @@ def add_distill_args(parser):
 
     g = parser.add_argument_group("distillation engine")
     g.add_argument("--engine", choices=tuple(ENGINES), default="fairseq",
-                   help="translator (fake: instant reversed source, for "
-                   "benchmarks and tests)")  # fmt: skip
+                   help="translator: fairseq (its generator, every generation "
+                   "option, ensembles), ctranslate2 (one teacher converted once "
+                   "into WORK/ct2-model, bilingual or multilingual, --beam "
+                   "--nbest --lenpen --max-len-a/b only), fake (instant "
+                   "reversed source, for benchmarks and tests)")  # fmt: skip
     g.add_argument(
         "--ct2-compute-type",
         default="default",

@@ -1,7 +1,6 @@
 """``fairseq-kd-dump-topk``: run a teacher once over a split and store its top-k."""
 
 import argparse
-import functools
 import hashlib
 import logging
 import os
@@ -423,12 +422,7 @@ def dump(cfg):
             f"({len(task.target_dictionary)})"
         )
     is_multi = multilingual.is_multilingual(task)
-    hooks = {}
-    if is_multi and not hasattr(task, "check_teacher_state"):  # fairseq's task
-        hooks = {
-            "check_state": functools.partial(multilingual.check_teacher_settings, task),
-            "find_dicts": functools.partial(multilingual.teacher_dictionaries, task),
-        }
+    hooks = multilingual.teacher_hooks(task)  # fairseq's task: its checks
     pairs = _as_pairs(dump_cfg.get("lang_pairs"))
     if pairs and not is_multi:
         raise ValueError(

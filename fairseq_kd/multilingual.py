@@ -1,5 +1,6 @@
 """Multilingual (``translation_multi_simple_epoch``) data and teacher checks."""
 
+import functools
 import os
 
 from fairseq.data.multilingual.multilingual_data_manager import (
@@ -199,6 +200,30 @@ def check_teacher_settings(task, path, state):
             "run the teacher's --langs and language-token options, and "
             "directions it was trained on."
         )
+
+
+def teacher_hooks(task):
+    """The teacher checks of fairseq's multilingual task, for ``load_teacher_ensemble``.
+
+    This package's ``translation_multi_simple_epoch_kd`` checks its teachers
+    itself (``check_teacher_state``, ``teacher_dictionaries``); fairseq's
+    ``translation_multi_simple_epoch`` gets the same checks here. Other tasks
+    get none.
+
+    Args:
+        task: a fairseq task.
+
+    Returns:
+        ``{"check_state": ..., "find_dicts": ...}`` or ``{}``: keyword
+        arguments of :func:`fairseq_kd.checkpoints.load_teacher_ensemble` and
+        :func:`fairseq_kd.checkpoints.check_teacher`.
+    """
+    if not is_multilingual(task) or hasattr(task, "check_teacher_state"):
+        return {}
+    return {
+        "check_state": functools.partial(check_teacher_settings, task),
+        "find_dicts": functools.partial(teacher_dictionaries, task),
+    }
 
 
 def teacher_dictionaries(task, path, state, dict_dir=None):

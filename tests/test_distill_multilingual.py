@@ -205,7 +205,6 @@ def test_resume_per_chunk_and_direction_refusals(multi_bin, tmp_path, monkeypatc
     "extra,message",
     [
         (["--distill-lang-pairs", "de-cs"], r"--distill-lang-pairs: de-cs not among"),
-        (["--engine", "ctranslate2"], r"--engine ctranslate2 translates bilingual"),
         (["--source-text", "x.txt"], r"--source-text is not supported with --task"),
     ],
 )
@@ -221,3 +220,147 @@ def test_distill_lang_pairs_needs_the_multilingual_task(tmp_path):
     )
     with pytest.raises(DistillError, match="--distill-lang-pairs needs --task"):
         distill.main(args)
+
+
+# ------------------------------------------------- the CTranslate2 engine
+
+
+@pytest.mark.slow
+def test_ctranslate2_engine_translates_each_direction_as_fairseq(
+    multi_bin, seq_teacher, tmp_path
+):
+    pytest.importorskip("ctranslate2")
+    from fairseq_kd.seqkd import ct2_engine
+
+    common = ["--gen-subset", "valid", "--nbest", 2, *NO_FILTER, "--chunk-size", 5]
+    ref = run_distill(multi_bin, seq_teacher, tmp_path / "fs", *common)
+    out = tmp_path / "ct2"
+    summary = run_distill(
+        multi_bin, seq_teacher, out, *common, "--engine", "ctranslate2"
+    )
+    assert summary["lang_pairs"] == ref["lang_pairs"] == list(PAIRS)
+    model = out / "work" / "ct2-model"  # one conversion for every direction
+    assert (model / "model.bin").is_file()
+    key = json.loads((model / ct2_engine.KEY_FILE).read_text())
+    assert key["langtok"]["langs"] == ["cs", "de", "en"]
+    n_same = n_lines = 0
+    for pair in PAIRS:
+        src, tgt = pair.split("-")
+        assert summary["directions"][pair]["engines"] == ["ctranslate2"]
+        assert summary["directions"][pair]["direction"] == (
+            ref["directions"][pair]["direction"]
+        )
+        fs = read_lines(tmp_path / "fs" / pair / f"valid.{tgt}")
+        ct2 = read_lines(out / pair / f"valid.{tgt}")
+        assert read_lines(out / pair / f"valid.{src}") == read_lines(
+            tmp_path / "fs" / pair / f"valid.{src}"
+        )
+        assert len(ct2) == len(fs)
+        same = sum(a == b for a, b in zip(ct2, fs))
+        # two implementations of beam search: allow rare near-tie differences
+        # (as for the bilingual engines, test_distill.py)
+        assert same >= 0.9 * len(fs), (pair, ct2, fs)
+        n_same, n_lines = n_same + same, n_lines + len(fs)
+        # the target tag is forced and stripped: in no hypothesis of the
+        # n-best (the part files), in no line of the corpus
+        for name in sorted(os.listdir(out / "work" / pair / "parts")):
+            with open(out / "work" / pair / "parts" / name) as f:
+                records = [json.loads(line) for line in f][1:]
+            for rec in records:
+                assert len(rec["nbest"]) == 2
+                assert not any("__" in h for h in rec["nbest"])
+        assert not any("__" in line for line in ct2)
+        assert decode_bin(out / "bin", "valid", pair, tgt) == ct2
+    assert n_same >= 0.9 * n_lines
+    # resumed with a chunk to translate again: the cached conversion serves
+    mtime = os.path.getmtime(model / "model.bin")
+    os.remove(out / "work" / "en-de" / "parts" / "chunk-000001.jsonl")
+    before = read_lines(out / "en-de" / "valid.de")
+    again = run_distill(multi_bin, seq_teacher, out, *common, "--engine", "ctranslate2")
+    assert again["directions"]["en-de"]["this_process"]["sentences"] == 5
+    assert os.path.getmtime(model / "model.bin") == mtime
+    assert read_lines(out / "en-de" / "valid.de") == before
+
+
+@pytest.mark.slow
+def test_ctranslate2_engine_checks_the_teacher(multi_bin, seq_teacher, tmp_path):
+    pytest.importorskip("ctranslate2")
+    # the run's tags are not the teacher's: refused as the fairseq engine does
+    argv = [multi_bin, "--path", seq_teacher, "--output", str(tmp_path / "o")]
+    argv += ["--cpu", "--no-progress-bar", "--engine", "ctranslate2"]
+    argv += ["--task", "translation_multi_simple_epoch", "--gen-subset", "valid"]
+    argv += task_flags(style="mbart")
+    with pytest.raises(DistillError, match=r"--lang-tok-style: the teacher's"):
+        distill.main(distill.parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "teachers,extra,message",
+    [
+        (1, ["--min-len", 2], r"--engine ctranslate2 supports --beam, --nbest, "
+         r"--lenpen and --max-len-a/b only; use --engine fairseq for --min-len"),
+        (1, ["--prefix-size", 1], r"use --engine fairseq for --prefix-size"),
+        (2, [], r"--engine ctranslate2 translates with one teacher: --path names "
+         r"2; use --engine fairseq for an ensemble"),
+    ],
+)  # fmt: skip
+def test_ctranslate2_engine_refusals(multi_bin, tmp_path, teachers, extra, message):
+    pytest.importorskip("ctranslate2")
+    teacher = tmp_path / "teacher.pt"  # refused before it is read
+    teacher.write_bytes(b"")
+    path = ":".join([str(teacher)] * teachers)
+    with pytest.raises(DistillError, match=message):
+        run_distill(multi_bin, path, tmp_path / "o", "--engine", "ctranslate2",
+                    "--gen-subset", "valid", *extra)  # fmt: skip
+
+
+def test_converted_teacher_cache_is_keyed(multi_bin, tmp_path):
+    """The cached CTranslate2 teacher serves only the teacher and settings it
+    was converted from: another teacher file, other tags or dictionaries
+    convert again."""
+    pytest.importorskip("ctranslate2")
+    from fairseq.data import Dictionary
+
+    from fairseq_kd import ct2_multilingual
+    from fairseq_kd.seqkd import ct2_engine
+
+    d = Dictionary.load(os.path.join(multi_bin, "dict.en.txt"))
+    settings = {"lang_tok_style": "multilingual", "encoder_langtok": "src",
+                "decoder_langtok": True, "langs": ["cs", "de", "en"],
+                "lang_pairs": list(PAIRS)}  # fmt: skip
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"teacher a")
+    b.write_bytes(b"teacher b")
+    calls = []
+
+    def convert(output_dir):
+        calls.append(output_dir)
+        os.makedirs(output_dir)
+        with open(os.path.join(output_dir, "model.bin"), "w") as f:
+            f.write(str(len(calls)))
+        ct2_multilingual.write_settings(output_dir, settings)
+
+    def get(path, langtok, dictionary=d):
+        key = ct2_engine.conversion_key(str(path), dictionary, dictionary, langtok)
+        out = ct2_engine.convert_teacher(
+            str(path), multi_bin, None, None, str(tmp_path / "w"), key, convert
+        )
+        with open(os.path.join(out, "model.bin")) as f:
+            return int(f.read())
+
+    assert get(a, settings) == 1
+    assert get(a, settings) == 1  # cached
+    copy = tmp_path / "copy.pt"  # the same teacher elsewhere: the same key
+    copy.write_bytes(a.read_bytes())
+    assert get(copy, settings) == 1
+    assert get(b, settings) == 2  # another teacher
+    assert get(b, dict(settings, lang_tok_style="mbart")) == 3  # other tags
+    assert get(b, dict(settings, encoder_langtok="tgt")) == 4
+    assert get(b, None) == 5  # a bilingual conversion
+    other = Dictionary.load(os.path.join(multi_bin, "dict.en.txt"))
+    other.add_symbol("__xx__")
+    assert get(b, None, other) == 6  # other dictionaries
+    assert get(b, None, other) == 6
+    b.write_bytes(b"teacher b, trained further")  # rewritten in place
+    assert get(b, None, other) == 7
+    assert sorted(os.listdir(tmp_path / "w")) == [ct2_engine.MODEL_DIR]

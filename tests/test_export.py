@@ -541,3 +541,30 @@ def test_ct2_multilingual_greedy_equals_fairseq(
     assert translator.translate(lines, "de", "en") != translator.translate(
         lines, "de", "cs"
     )
+
+
+def test_a_kd_trained_multilingual_teacher_distils_with_ctranslate2(
+    multi_greedy, multi_student, multi_bin, tmp_path
+):
+    """fairseq-kd-distill --engine ctranslate2 on a teacher trained with
+    translation_multi_simple_epoch_kd (its config names a teacher and KD
+    options): converted as the export converts it, and its greedy n-best is
+    fairseq-generate's, direction by direction."""
+    pytest.importorskip("ctranslate2")
+    from fairseq_kd import distill
+
+    ours, _ = multi_greedy
+    out = tmp_path / "distilled"
+    argv = [str(multi_bin), "--path", multi_student, "--output", str(out)]
+    argv += ["--task", f"{MULTI_TASK}_kd", *task_flags(), "--gen-subset", "valid"]
+    argv += ["--engine", "ctranslate2", "--beam", "1", "--cpu", "--no-progress-bar"]
+    summary = distill.main(distill.parse_args(argv))
+    assert sorted(summary["directions"]) == sorted(DIRECTIONS)
+    for pair in DIRECTIONS:
+        found = {}
+        parts = out / "work" / pair / "parts"
+        for name in os.listdir(parts):
+            with open(parts / name) as f:
+                for rec in [json.loads(line) for line in f][1:]:
+                    found[str(rec["id"])] = rec["nbest"][0]
+        assert found == {i: h[1] for i, h in ours[pair].items()}

@@ -99,7 +99,7 @@ def check_options(args):
 
 
 #: engines that translate the directions of a multilingual teacher
-MULTILINGUAL_ENGINES = ("fairseq", "fake")
+MULTILINGUAL_ENGINES = ("fairseq", "ctranslate2", "fake")
 
 
 def check_multilingual_options(args):

@@ -1,6 +1,5 @@
 """Translation engines behind one interface: source token ids in, n-best out."""
 
-import functools
 import zlib
 from typing import Dict, List, Tuple
 
@@ -107,17 +106,8 @@ class FairseqEngine(Engine):
         from fairseq_kd.checkpoints import load_teacher_ensemble
 
         self.use_cuda = torch.cuda.is_available() and not args.cpu
-        hooks = {}
         is_multi = multilingual.is_multilingual(task)
-        if is_multi and not hasattr(task, "check_teacher_state"):  # fairseq's task
-            hooks = {
-                "check_state": functools.partial(
-                    multilingual.check_teacher_settings, task
-                ),
-                "find_dicts": functools.partial(
-                    multilingual.teacher_dictionaries, task
-                ),
-            }
+        hooks = multilingual.teacher_hooks(task)  # fairseq's multilingual task
         try:
             self.models = models = load_teacher_ensemble(args.path, task, **hooks)
         except ValueError as e:
