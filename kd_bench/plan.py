@@ -772,24 +772,15 @@ def assemble_distilled(distill_dir, bin_dir, dest, src, tgt):
     return dest
 
 
-def distill_engine_flags(preset, multilingual=False):
+def distill_engine_flags(preset):
     """``--engine``/``--threads`` of fairseq-kd-distill ([] for fairseq's).
 
     Args:
         preset: the :class:`~kd_bench.preset.Preset`.
-        multilingual: a multilingual teacher, which fairseq-kd-distill
-            translates with fairseq's generator only.
     """
     from kd_bench.commands import ct2_available
 
     if preset.distill_engine != "ctranslate2":
-        return []
-    if multilingual:
-        logger.warning(
-            "fairseq-kd-distill's CTranslate2 engine translates bilingual "
-            "teachers only: the multilingual seq-KD corpora are translated with "
-            "fairseq's generator"
-        )
         return []
     if not ct2_available():
         logger.warning(
@@ -830,7 +821,7 @@ def seqkd_stages(cfg):
     teacher = p.checkpoint("teacher")
     train_data = {"ref": p.bin}
     needed = {r.data for r in cfg.rows}
-    engine = distill_engine_flags(preset, cfg.multilingual)
+    engine = distill_engine_flags(preset)
     stages = []
     for source, select in SEQKD_SELECT.items():
         if source not in needed and not (

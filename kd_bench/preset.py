@@ -281,28 +281,28 @@ CPU = Preset(
 #: The multilingual recipe (``--lang-pairs de-en,cs-en``) in under two hours on
 #: 2 CPU cores: one teacher for both directions, three students.
 #:
-#: Estimate (not run; from the bilingual cpu table's timings on 2 cores, 29,000
-#: training sentences per direction): data ~1.5 min (sentencepiece on three
-#: languages, two fairseq-preprocess runs); teacher 3+3 d256, 1,000 updates x
-#: 1.9 s = 32 min; seq-KD: fairseq-kd-distill translates multilingual teachers
-#: with fairseq's generator only (its CTranslate2 engine is bilingual), ~33
-#: sentences/s at beam 5 (the bilingual engine comparison), 58,000 sentences =
-#: 29 min, then Seq-Inter's selection ~1 min; the teacher's top-8 over the
-#: Seq-Inter corpus, 2 x ~130 s = 4.5 min; three students 3+1 d128 (baseline,
-#: seq-KD, Seq-Inter + word-KD, the bilingual table's best KD rows), 700
-#: updates x 0.9 s = 10.5 min each, 31.5 min; fairseq-generate, 4 models x 2
-#: directions x ~35 s (test and valid, greedy and beam 5) = 4.7 min;
-#: CTranslate2 int8, 4 x 2 x ~6 s plus four conversions = ~1.2 min; the valid
-#: curve of Seq-Inter + word-KD (checkpoints 200, 400, 600, 700; beam 5, 2
-#: directions x ~12 s each) ~1.6 min; scoring ~0.5 min. Total ~108 min.
+#: The budgets follow the bilingual cpu table (2026-12-02): a teacher of 800
+#: updates was too weak for KD to pay off, one of 1,200 (36.2 BLEU) gave KD
+#: rows +2.8 over the student without KD at 600 updates, where val BLEU was
+#: still rising (25.1 at 400, 28.4 at 600). The multilingual teacher serves
+#: two directions, so it gets 1,600 updates; the students 800.
+#:
+#: Estimate (not run; the bilingual cpu table's timings on the 2-core Intel
+#: Xeon, 29,000 training sentences per direction): data ~1.5 min; teacher 3+3
+#: d256, 1,600 updates x 1.9 s = 51 min; seq-KD with fairseq-kd-distill's
+#: CTranslate2 engine, ~120 sentences/s at beam 5 with n-best 5, 58,000
+#: sentences = 8 min, then Seq-Inter's selection ~1.5 min; the teacher's top-8
+#: over the Seq-Inter corpus, 2 x ~100 s = 3.5 min; three students 3+1 d128
+#: (baseline, seq-KD, Seq-Inter + word-KD), 800 updates x 0.8 s = 11 min each,
+#: 33 min; fairseq-generate, 4 models x 2 directions x ~50 s (test and valid,
+#: greedy and beam 5) = 6.7 min; CTranslate2 int8 ~1.5 min; the valid curve
+#: of Seq-Inter + word-KD ~1.5 min; scoring ~0.5 min. Total ~109 min.
 CPU_MULTILINGUAL = replace(
     CPU,  # its vocabulary, teacher and student sizes, top-k and tool batches
-    teacher_train=TrainSettings(1000, "1e-3", 300, 4096, 0.3),
-    student_train=TrainSettings(700, "1.5e-3", 150, 4096, 0.1),
+    teacher_train=TrainSettings(1600, "1e-3", 300, 4096, 0.3),
+    student_train=TrainSettings(800, "1.5e-3", 150, 4096, 0.1),
     row_updates={},
-    # fairseq's generator: the distiller's CTranslate2 engine is bilingual
-    distill_engine="fairseq",
-    distill_threads=0,
+    # the engines' comparison (seqkd:engines) is bilingual: not run here
     distill_compare=0,
     rows=("baseline", "seq-kd", "seq-inter+word-kd"),
     curve=Curve("seq-inter+word-kd", every=200),

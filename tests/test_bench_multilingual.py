@@ -70,7 +70,7 @@ def test_the_multilingual_plan_is_well_formed(preset, tmp_path):
     for kind in ("student", "translate", "ct2" if plan.config.use_ct2 else None):
         if kind:
             assert {f"{kind}:{r}" for r in rows} <= set(names)
-    assert "seqkd:engines" not in names  # no CTranslate2 distillation engine
+    assert "seqkd:engines" not in names  # the engines' comparison is bilingual
     assert names[-2:] == ["score", "table"]
     assert plan.meta["lang_pairs"] == ["de-en", "cs-en"]
     assert plan.meta["langs"] == ["cs", "de", "en"]
@@ -115,7 +115,13 @@ def test_models_train_and_distil_with_the_multilingual_task(tmp_path):
     for name in ("seqkd:top", "seqkd:bleu", "topk:seqkd-bleu"):
         (tool,) = commands_of(by_name[name])
         assert flag(tool.argv, "--task") == "translation_multi_simple_epoch"
-        assert contains(tool.argv, TASK) and "--engine" not in tool.argv
+        assert contains(tool.argv, TASK)
+    # the teacher's beam search through fairseq-kd-distill's CTranslate2 engine
+    (top,) = commands_of(by_name["seqkd:top"])
+    if commands.ct2_available():
+        assert contains(top.argv, ["--engine", "ctranslate2", "--threads", "2"])
+    else:
+        assert "--engine" not in top.argv
     # the distilled folder holds every split already: students train on it
     (inter,) = commands_of(by_name["student:seq-inter+word-kd"])
     assert inter.argv[1] == os.path.join(plan.config.paths.seqkd("bleu"), "bin")
