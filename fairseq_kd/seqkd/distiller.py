@@ -98,10 +98,6 @@ def check_options(args):
     parts.shard_chunks(1, args.num_shards, args.shard_id)  # validates the pair
 
 
-#: engines that translate the directions of a multilingual teacher
-MULTILINGUAL_ENGINES = ("fairseq", "ctranslate2", "fake")
-
-
 def check_multilingual_options(args):
     """Refuse what the multilingual task's distillation does not do (yet).
 
@@ -109,12 +105,6 @@ def check_multilingual_options(args):
         args: the ``fairseq-kd-distill`` options, ``--task
             translation_multi_simple_epoch``.
     """
-    if args.engine not in MULTILINGUAL_ENGINES:
-        raise DistillError(
-            f"--engine {args.engine} translates bilingual teachers only: with "
-            f"--task {args.task} use --engine fairseq (or distil one direction "
-            "of a bilingual teacher with --task translation)"
-        )
     for option, value in (
         ("--source-text", args.source_text),
         ("--source-bin", args.source_bin),
