@@ -816,18 +816,85 @@ def plot(results, path):
     fig, axes = plt.subplots(
         1, len(views), figsize=(7.5 * len(views), 5), squeeze=False
     )
-    for ax, (_, view) in zip(axes[0], views):
-        plot_rows(ax, view)
-    fig.tight_layout()
+    labels = [plot_rows(ax, view) for ax, (_, view) in zip(axes[0], views)]
+    fig.tight_layout()  # before the labels are placed in the final axes
+    for ax, panel in zip(axes[0], labels):
+        place_labels(ax, panel)
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
+def spread_labels(positions, gap):
+    """Label heights at least ``gap`` apart, each as near its point as can be.
+
+    Labels are placed in the order of their points; a run of labels that
+    would overlap is stacked ``gap`` apart and centred on its points (the
+    least-squares placement of the run).
+
+    Args:
+        positions: each label's point (display units, any order).
+        gap: the least distance between two labels (same units).
+
+    Returns:
+        The labels' positions, in the order of ``positions``.
+    """
+    groups = []  # [start, [indices in order]]
+    for i in sorted(range(len(positions)), key=lambda k: positions[k]):
+        groups.append([positions[i], [i]])
+        while len(groups) > 1:
+            (start_a, members_a), (start_b, members_b) = groups[-2], groups[-1]
+            if start_a + len(members_a) * gap <= start_b:
+                break
+            members = members_a + members_b
+            start = sum(positions[m] - j * gap for j, m in enumerate(members))
+            groups[-2:] = [[start / len(members), members]]
+    placed = [0.0] * len(positions)
+    for start, members in groups:
+        for j, m in enumerate(members):
+            placed[m] = start + j * gap
+    return placed
+
+
+def place_labels(ax, labels, fontsize=7):
+    """Each row's label beside its beam-5 point; labels that would overlap
+    are moved apart vertically (:func:`spread_labels`), with a thin line to
+    their point.
+
+    Args:
+        ax: the panel, laid out (its size is final).
+        labels: ``(text, (x, y), color)`` per row (:func:`plot_rows`).
+        fontsize: the labels' size in points.
+    """
+    ax.get_xlim(), ax.get_ylim()  # the limits autoscaled, not pending
+    # in points (1/72 inch) from the figure's bottom: 1.4 lines apart at least
+    to_points = 72.0 / ax.figure.dpi
+    heights = [ax.transData.transform(p)[1] * to_points for _, p, _ in labels]
+    placed = spread_labels(heights, 1.4 * fontsize)
+    for (text, point, color), height, new_height in zip(labels, heights, placed):
+        moved = abs(new_height - height) > 0.5
+        line = dict(arrowstyle="-", color=color, linewidth=0.5, alpha=0.6)
+        ax.annotate(
+            text,
+            point,
+            textcoords="offset points",
+            xytext=(5, new_height - height + 3),
+            fontsize=fontsize,
+            color=color,
+            arrowprops=line if moved else None,
+            bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.7),
+        )
+
+
 def plot_rows(ax, results):
-    """One panel of :func:`plot`: the rows of one direction."""
+    """One panel of :func:`plot`: the rows of one direction.
+
+    Returns:
+        ``(label, (x, y), color)`` of each row, for :func:`place_labels`.
+    """
     from matplotlib.ticker import ScalarFormatter
 
     markers = {"beam1": "o", "beam5": "s"}
+    labels = []  # (text, point, color)
     for i, row in enumerate(results["rows"]):
         color = f"C{i % 10}"
         xs, ys = [], []
@@ -841,14 +908,7 @@ def plot_rows(ax, results):
             ax.scatter([x], [y], color=color, marker=markers[beam], zorder=3)
         if xs:
             ax.plot(xs, ys, color=color, linewidth=1, alpha=0.6)
-            ax.annotate(
-                row.get("label", row["name"]),
-                (xs[-1], ys[-1]),
-                textcoords="offset points",
-                xytext=(5, 3),
-                fontsize=7,
-                color=color,
-            )
+            labels.append((row.get("label", row["name"]), (xs[-1], ys[-1]), color))
     ax.set_xscale("log")
     for axis in (ax.xaxis,):
         axis.set_major_formatter(ScalarFormatter())
@@ -862,6 +922,7 @@ def plot_rows(ax, results):
         fontsize=9,
     )
     ax.grid(True, which="both", alpha=0.3)
+    return labels
 
 
 def write_results(scores, meta, paths, existing_md=None):

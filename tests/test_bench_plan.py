@@ -683,6 +683,50 @@ def test_table_and_plot_from_a_hand_made_results_json(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_labels_are_spread_apart_and_kept_near_their_points():
+    # apart already: not moved
+    assert report.spread_labels([0.0, 20.0, 50.0], 10.0) == [0.0, 20.0, 50.0]
+    # two at one height: centred on it, one gap apart, order kept by height
+    assert report.spread_labels([30.0, 5.0, 30.0], 10.0) == [25.0, 5.0, 35.0]
+    # a run that meets its neighbour merges with it
+    placed = report.spread_labels([0.0, 4.0, 8.0, 100.0], 10.0)
+    assert placed[:3] == [-6.0, 4.0, 14.0] and placed[3] == 100.0
+    many = [3.0, 1.0, 2.0, 2.5, 40.0, 41.0]
+    placed = report.spread_labels(many, 7.0)
+    ordered = sorted(range(len(many)), key=lambda i: many[i])
+    gaps = [placed[b] - placed[a] for a, b in zip(ordered, ordered[1:])]
+    assert min(gaps) >= 7.0 - 1e-9
+
+
+def test_the_plots_labels_do_not_overlap(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+    import matplotlib.text
+
+    scores = hand_made_scores()
+    # two rows at nearly the same point, as word-KD offline and live are
+    scores["models"]["seq-kd"] = json.loads(json.dumps(scores["models"]["word-kd"]))
+    scores["models"]["seq-kd"]["scores"]["test"]["beam5"]["bleu"] += 0.05
+    results = report.build_results(scores, hand_made_meta())
+    panels = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        real_savefig(fig, *args, **kwargs)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        text = matplotlib.text.Text.get_window_extent  # the text, not its line
+        panels.append([[text(t, renderer) for t in a.texts] for a in fig.axes])
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    report.plot(results, str(tmp_path / "p.png"))
+    ((boxes,),) = panels
+    assert len(boxes) == 4
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a, b)
+
+
 def test_regenerating_results_keeps_the_hand_written_reading(tmp_path):
     pytest.importorskip("matplotlib")
     paths = {k: str(tmp_path / v) for k, v in report.OUTPUT_FILES.items()}
