@@ -258,7 +258,8 @@ SEQKD_SUMMARY_KEYS = (
 
 
 def seqkd_summaries(folders):
-    """The distillation summaries of the seq-KD corpora that exist.
+    """The distillation summaries of the seq-KD corpora that exist (and, for
+    a multilingual corpus, each direction's).
 
     Args:
         folders: ``{selection: the corpus's folder}``.
@@ -268,7 +269,12 @@ def seqkd_summaries(folders):
         path = os.path.join(folder, "train.summary.json")
         if os.path.exists(path):
             summary = read_json(path)
-            out[select] = {k: summary.get(k) for k in SEQKD_SUMMARY_KEYS}
+            out[select] = keep = {k: summary.get(k) for k in SEQKD_SUMMARY_KEYS}
+            if "directions" in summary:  # multilingual: the figures per direction
+                keep["directions"] = {
+                    pair: {k: d.get(k) for k in SEQKD_SUMMARY_KEYS}
+                    for pair, d in summary["directions"].items()
+                }
     return out
 
 

@@ -712,11 +712,16 @@ def curve_section(curve, spec, pair=None):
 def seqkd_section(seqkd):
     """Markdown lines on the seq-KD corpora (empty without any).
 
+    A multilingual corpus's summary holds its figures per direction
+    (``directions``): one line per selection and direction then.
+
     Args:
         seqkd: ``{selection: distill summary subset}``.
     """
     if not seqkd:
         return []
+    multilingual = any("directions" in s for s in seqkd.values())
+    direction = "direction | " if multilingual else ""
     out = [
         "",
         "## Sequence-level KD corpora",
@@ -726,20 +731,31 @@ def seqkd_section(seqkd):
         "selections. Sentence-BLEU: sacreBLEU's, of the chosen hypothesis "
         "against the reference, averaged over sentences.",
         "",
-        "| selection | engine | sentences | sentences/s | degenerate (replaced by "
-        "the reference) | not the teacher's best | mean sentence-BLEU chosen / "
-        "teacher's best | corpus BLEU of the corpus |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| selection | {direction}engine | sentences | sentences/s | degenerate "
+        "(replaced by the reference) | not the teacher's best | mean "
+        "sentence-BLEU chosen / teacher's best | corpus BLEU of the corpus |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"
+        + (" --- |" if multilingual else ""),
     ]
-    for select, s in seqkd.items():
-        filtered = ", ".join(f"{k} {v}" for k, v in (s.get("filtered") or {}).items())
-        out.append(
-            f"| {select} | {', '.join(s.get('engines') or [])} | "
-            f"{s.get('sentences')} | {s.get('sentences_per_second')} | "
-            f"{filtered} ({s.get('replaced')}) | {s.get('not_top')} | "
-            f"{s.get('mean_sentence_bleu_chosen')} / {s.get('mean_sentence_bleu_top')}"
-            f" | {s.get('corpus_bleu_chosen')} |"
-        )
+    for select, summary in seqkd.items():
+        if multilingual:
+            parts = [
+                (f"{select} | {pair}", s)
+                for pair, s in (summary.get("directions") or {}).items()
+            ]
+        else:
+            parts = [(select, summary)]
+        for head, s in parts:
+            filtered = ", ".join(
+                f"{k} {v}" for k, v in (s.get("filtered") or {}).items()
+            )
+            out.append(
+                f"| {head} | {', '.join(s.get('engines') or [])} | "
+                f"{s.get('sentences')} | {s.get('sentences_per_second')} | "
+                f"{filtered} ({s.get('replaced')}) | {s.get('not_top')} | "
+                f"{s.get('mean_sentence_bleu_chosen')} / "
+                f"{s.get('mean_sentence_bleu_top')} | {s.get('corpus_bleu_chosen')} |"
+            )
     return out
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import MULTI30K
 from test_bench_plan import check_well_formed, hand_made_scores
 
-from kd_bench import cli, commands
+from kd_bench import cli, commands, evaluate
 from kd_bench import plan as kdplan
 from kd_bench import report
 from kd_bench.files import read_json, read_lines, write_lines
@@ -300,6 +300,9 @@ def test_tiny_multilingual_run_on_a_slice_of_multi30k(tmp_path, monkeypatch):
     Seq-Inter corpus, the multilingual KD task), end to end (tiny)."""
     sizes = {"train": 300, "valid": 10, "test": 12}
     monkeypatch.setattr(TINY, "limits", sizes)
+    # the seq-KD corpora through the engine the cpu preset uses
+    engine = "ctranslate2" if commands.ct2_available() else "fairseq"
+    monkeypatch.setattr(TINY, "distill_engine", engine)
     work = tmp_path / "w"
     argv = ["multi30k", "--preset", "tiny", "--lang-pairs", PAIRS]
     argv += ["--work", str(work), "--rows", "baseline,seq-inter+word-kd"]
@@ -350,6 +353,7 @@ def test_tiny_multilingual_run_on_a_slice_of_multi30k(tmp_path, monkeypatch):
     for pair in ("de-en", "cs-en"):
         direction = summary["directions"][pair]
         assert direction["select"] == "bleu" and direction["sentences"] == 300
+        assert direction["engines"] == [engine]
         store = os.path.join(plan.work, "topk", "seqkd-bleu", pair, "header.json")
         header = read_json(store)
         assert header["direction"]["lang_pair"] == pair
@@ -361,3 +365,37 @@ def test_tiny_multilingual_run_on_a_slice_of_multi30k(tmp_path, monkeypatch):
     assert re.search(r"\bkd_loss=\d", text)
     md = open(os.path.join(plan.results, "RESULTS.md")).read()
     assert 0 < md.index("\n## de-en\n") < md.index("\n## cs-en\n")  # as given
+
+
+def test_the_seqkd_corpora_are_reported_per_direction(tmp_path):
+    """A multilingual corpus's summary holds its figures per direction: the
+    results keep them and the table has one line per selection and direction
+    (the first multilingual cpu run printed None for them)."""
+    figures = {
+        "de-en": {"engines": ["ctranslate2"], "sentences": 10, "replaced": 1},
+        "cs-en": {"engines": ["ctranslate2"], "sentences": 12, "replaced": 2},
+    }
+    for pair, bleu in (("de-en", 35.6), ("cs-en", 33.56)):
+        figures[pair].update(
+            sentences_per_second=100.0,
+            filtered={"repeat": figures[pair]["replaced"]},
+            not_top=0,
+            mean_sentence_bleu_chosen=bleu - 1,
+            mean_sentence_bleu_top=bleu - 1,
+            corpus_bleu_chosen=bleu,
+        )
+    folder = tmp_path / "top"
+    folder.mkdir()
+    summary = {"sentences": 22, "replaced": 3, "directions": figures}
+    (folder / "train.summary.json").write_text(json.dumps(summary))
+    kept = evaluate.seqkd_summaries({"top": str(folder)})
+    assert kept["top"]["directions"]["cs-en"]["corpus_bleu_chosen"] == 33.56
+    lines = report.seqkd_section(kept)
+    assert lines[5].startswith("| selection | direction | engine |")
+    assert lines[6].count("---") == lines[5].count("|") - 1
+    assert lines[7:] == [
+        "| top | de-en | ctranslate2 | 10 | 100.0 | repeat 1 (1) | 0 | "
+        "34.6 / 34.6 | 35.6 |",
+        "| top | cs-en | ctranslate2 | 12 | 100.0 | repeat 2 (2) | 0 | "
+        "32.56 / 32.56 | 33.56 |",
+    ]
