@@ -51,6 +51,15 @@ def parse_args(corpus, argv=None):
         "--decoder-langtok), scored per direction; replaces --src/--tgt",
     )
     p.add_argument(
+        "--langs",
+        default=None,
+        metavar="LANGS",
+        help="with --lang-pairs: the multilingual task's comma-separated language "
+        "list, whose order gives the language tags' ids (default: the sorted "
+        "languages of --lang-pairs); a given teacher's own --langs, when it "
+        "knows more languages than the run's directions",
+    )
+    p.add_argument(
         "--data",
         default=None,
         help="folder of raw parallel text named <stem>.<lang>[.gz] with stems "
@@ -86,8 +95,9 @@ def parse_args(corpus, argv=None):
         "--teacher-dict-dir",
         default=None,
         metavar="DIR",
-        help="the folder of its dictionaries: dict.SRC.txt and dict.TGT.txt, or "
-        "one joined dict.txt",
+        help="the folder of its dictionaries: dict.LANG.txt for each language "
+        "(dict.SRC.txt and dict.TGT.txt; with --lang-pairs every language of the "
+        "directions), or one joined dict.txt",
     )
     subword = given.add_mutually_exclusive_group()
     subword.add_argument(
@@ -176,6 +186,8 @@ def reproduce_command(name, args, launcher=None):
     given = getattr(args, "teacher_checkpoint", None) is not None
     if getattr(args, "lang_pairs", None):
         parts += ["--lang-pairs", args.lang_pairs]
+    if getattr(args, "langs", None):
+        parts += ["--langs", args.langs]
     for opt in ("src", "tgt", "subword", "rows"):
         value = getattr(args, opt)
         if opt == "subword" and given:
@@ -223,7 +235,9 @@ def make_config(name, argv=None):
     preset = presets[args.preset]
     if args.src == args.tgt:
         raise SystemExit(f"--src and --tgt are both {args.src}")
-    teacher = given_teacher(args, args.src, args.tgt)
+    langs = sorted({x for p in lang_pairs for x in p.split("-")}) if lang_pairs else []
+    tag_langs = parse_langs(args, langs)
+    teacher = given_teacher(args, langs or [args.src, args.tgt])
     args.subword = teacher.subword if teacher else args.subword or "spm"
     pair = "+".join(lang_pairs) if lang_pairs else f"{args.src}-{args.tgt}"
     folder = f"{pair}.{args.preset}.{args.subword}"
@@ -246,6 +260,7 @@ def make_config(name, argv=None):
         command=reproduce_command(name, args, os.environ.get("KD_BENCH_LAUNCHER")),
         teacher=teacher,
         lang_pairs=lang_pairs,
+        tag_langs=tag_langs,
     )
     return cfg, args
 
@@ -269,12 +284,30 @@ def parse_lang_pairs(args):
         )
     if args.src != args.defaults["src"] or args.tgt != args.defaults["tgt"]:
         raise SystemExit("--lang-pairs names the directions: no --src/--tgt with it")
-    if getattr(args, "teacher_checkpoint", None) is not None:
-        raise SystemExit(
-            "--teacher-checkpoint takes a bilingual teacher only for now: not "
-            "with --lang-pairs"
-        )
     return pairs
+
+
+def parse_langs(args, langs):
+    """``--langs``: the multilingual task's language list (None without it), checked.
+
+    Args:
+        args: the parsed options.
+        langs: the languages of ``--lang-pairs`` (empty without it).
+    """
+    if getattr(args, "langs", None) is None:
+        return None
+    if not langs:
+        raise SystemExit("--langs is the multilingual task's: give --lang-pairs too")
+    given = [x.strip() for x in args.langs.split(",") if x.strip()]
+    if len(set(given)) != len(given):
+        raise SystemExit(f"--langs {args.langs}: give each language once")
+    missing = [lang for lang in langs if lang not in given]
+    if missing:
+        raise SystemExit(
+            f"--langs {args.langs} lacks {', '.join(missing)} of --lang-pairs "
+            f"{args.lang_pairs}: it lists every language of the directions"
+        )
+    return given
 
 
 def main(argv=None):

@@ -63,6 +63,7 @@ from kd_bench.teacher import (
     GIVEN_JSON,
     SUBWORD_FILE,
     GivenTeacher,
+    check_multilingual_teacher,
     check_teacher,
     install_teacher,
 )
@@ -181,6 +182,9 @@ class Config:
         lang_pairs: the directions of the multilingual recipe (``["de-en",
             "cs-en"]``; None: the bilingual recipe, ``src``-``tgt``). ``src``
             and ``tgt`` are then its first direction's.
+        tag_langs: ``--langs``: the multilingual task's language list, whose
+            order gives the language tags' ids (a given teacher's own); None:
+            the sorted languages of ``lang_pairs``.
     """
 
     corpus: Corpus
@@ -197,6 +201,7 @@ class Config:
     command: str = ""
     teacher: Optional[GivenTeacher] = None
     lang_pairs: Optional[List[str]] = None
+    tag_langs: Optional[List[str]] = None
 
     @property
     def multilingual(self):
@@ -225,11 +230,17 @@ class Config:
 
     @property
     def langs(self):
-        """Every language: ``(src, tgt)``, or the multilingual task's sorted
-        ``--langs`` (the order gives the language tags' ids)."""
+        """Every language of the data: ``(src, tgt)``, or the sorted languages
+        of the multilingual recipe's directions."""
         if not self.multilingual:
             return [self.src, self.tgt]
         return sorted({lang for d in self.directions for lang in d})
+
+    @property
+    def task_langs(self):
+        """The multilingual task's ``--langs`` (the order gives the language
+        tags' ids): ``tag_langs`` when given, else :attr:`langs`."""
+        return list(self.tag_langs or self.langs)
 
     def task_flags(self, kd=False):
         """The task's flags: ``--task translation_kd`` for a KD student (none
@@ -241,7 +252,7 @@ class Config:
         if not self.multilingual:
             return ["--task", "translation_kd"] if kd else []
         task = MULTILINGUAL_KD_TASK if kd else MULTILINGUAL_TASK
-        return ["--task", task] + multilingual_flags(self.lang_pairs, self.langs)
+        return ["--task", task] + multilingual_flags(self.lang_pairs, self.task_langs)
 
     @property
     def eval_sets(self):
@@ -534,7 +545,7 @@ def given_subword_steps(cfg, tmp):
     """The given teacher's sentencepiece model or BPE codes, applied."""
     p, j, out = cfg.paths, os.path.join, tmp(cfg.paths.subword)
     model = teacher_file(cfg, SUBWORD_FILE[cfg.subword])
-    splits, langs = list(cfg.corpus.splits), (cfg.src, cfg.tgt)
+    splits, langs = list(cfg.corpus.splits), cfg.langs
     if cfg.subword == "spm":
         encode = partial(encode_sentencepiece, model, p.text, out, splits, langs)
         describe = f"encode {p.text}/* with the teacher's {model} -> {out}/*"
@@ -585,6 +596,31 @@ def dictionary_flags(cfg):
         src_dict,
         "--tgtdict",
         teacher_file(cfg, f"dict.{cfg.tgt}.txt"),
+    ]
+
+
+def given_multilingual_binarize_steps(cfg, tmp):
+    """Each direction binarized with the given teacher's dictionaries.
+
+    ``fairseq-preprocess --srcdict/--tgtdict`` with the teacher's
+    ``dict.SRC.txt`` and ``dict.TGT.txt`` (installed in ``WORK/models/teacher``),
+    nothing learnt; it writes them into ``WORK/bin`` as ``dict.LANG.txt``, for
+    every language of the directions (the teacher stage checked that the
+    languages of each side share one dictionary).
+    """
+    p, j, out = cfg.paths, os.path.join, tmp(cfg.paths.bin)
+    return [
+        Command(
+            ["fairseq-preprocess", "--source-lang", src, "--target-lang", tgt]
+            + ["--trainpref", j(p.subword, "train")]
+            + ["--validpref", j(p.subword, "valid")]
+            + ["--testpref", j(p.subword, "test"), "--destdir", out]
+            + ["--srcdict", teacher_file(cfg, f"dict.{src}.txt")]
+            + ["--tgtdict", teacher_file(cfg, f"dict.{tgt}.txt")]
+            + ["--workers", cfg.preset.workers],
+            describe=f"binarize {src}-{tgt} with the teacher's dictionaries",
+        )
+        for src, tgt in cfg.directions
     ]
 
 
@@ -640,6 +676,8 @@ def multilingual_binarize_steps(cfg, tmp):
 def binarize_steps(cfg, tmp):
     """``fairseq-preprocess`` of the subword text."""
     p, j = cfg.paths, os.path.join
+    if cfg.multilingual and cfg.teacher is not None:
+        return given_multilingual_binarize_steps(cfg, tmp)
     if cfg.multilingual:
         return multilingual_binarize_steps(cfg, tmp)
     return [
@@ -662,7 +700,7 @@ def binarize_stage(cfg):
     inputs = [p.subword]
     if cfg.teacher is not None:
         params["dicts"] = "given"
-        inputs += [teacher_file(cfg, f"dict.{x}.txt") for x in (cfg.src, cfg.tgt)]
+        inputs += [teacher_file(cfg, f"dict.{lang}.txt") for lang in cfg.langs]
     return Stage(
         "binarize",
         outputs=[p.bin],
@@ -677,29 +715,37 @@ def binarize_stage(cfg):
 
 
 def given_teacher_steps(cfg, tmp):
-    """Check the given teacher against its dictionaries; link and copy it."""
+    """Check the given teacher against its dictionaries (and the multilingual
+    run's settings); link and copy it."""
     teacher, dest = cfg.teacher, tmp(cfg.paths.model_dir("teacher"))
     name = os.path.basename(cfg.paths.checkpoint("teacher"))
-    check = partial(
-        check_teacher, teacher, cfg.src, cfg.tgt, os.path.join(dest, GIVEN_JSON)
+    out_json = os.path.join(dest, GIVEN_JSON)
+    install = PyStep(
+        f"link {dest}/{name} to {teacher.checkpoint} (no copy); copy its "
+        "dictionaries and "
+        f"{os.path.basename(teacher.subword_model)} as {dest}/dict.*.txt, "
+        f"{SUBWORD_FILE[teacher.subword]}",
+        partial(install_teacher, teacher, dest, name),
     )
-    install = partial(install_teacher, teacher, dest, name, cfg.src, cfg.tgt)
-    return [
-        mkdir_step(dest),
-        PyStep(
+    if not cfg.multilingual:
+        check = PyStep(
             f"check that {teacher.checkpoint}'s embeddings fit the dictionaries "
-            f"of {teacher.dict_dir}; its path, sha256, parameters -> "
-            f"{dest}/{GIVEN_JSON}",
-            check,
+            f"of {teacher.dict_dir}; its path, sha256, parameters -> {out_json}",
+            partial(check_teacher, teacher, cfg.src, cfg.tgt, out_json),
+        )
+        return [mkdir_step(dest), check, install]
+    # the multilingual check reads the installed dictionaries, as the tools do
+    task = cfg.task_flags()
+    check = PyStep(
+        f"check {teacher.checkpoint} against this run ({' '.join(task[2:])}): "
+        "its languages, language tags and directions, then its embeddings "
+        f"against the dictionaries of {dest} with the language tags (the "
+        f"plugin's checks); its path, sha256, parameters -> {out_json}",
+        partial(
+            check_multilingual_teacher, teacher, dest, task, cfg.lang_pairs, out_json
         ),
-        PyStep(
-            f"link {dest}/{name} to {teacher.checkpoint} (no copy); copy its "
-            "dictionaries and "
-            f"{os.path.basename(teacher.subword_model)} as {dest}/dict.*.txt, "
-            f"{SUBWORD_FILE[teacher.subword]}",
-            install,
-        ),
-    ]
+    )
+    return [mkdir_step(dest), install, check]
 
 
 def teacher_stages(cfg):
@@ -711,7 +757,11 @@ def teacher_stages(cfg):
                 "teacher",
                 outputs=[p.model_dir("teacher")],
                 inputs=cfg.teacher.inputs,
-                params={"given": True, "subword": cfg.teacher.subword},
+                params={
+                    "given": True,
+                    "subword": cfg.teacher.subword,
+                    **({"task": cfg.task_flags()} if cfg.multilingual else {}),
+                },
                 steps=partial(given_teacher_steps, cfg),
                 group="teacher",
             )
@@ -1302,7 +1352,7 @@ def describe(cfg):
     }
     if cfg.multilingual:
         meta["lang_pairs"] = list(cfg.lang_pairs)
-        meta["langs"] = list(cfg.langs)
+        meta["langs"] = cfg.task_langs
         meta["task"] = MULTILINGUAL_TASK
     if cfg.teacher is not None:  # not trained here: no architecture or budget
         meta["teacher_given"] = cfg.teacher.describe()
