@@ -17,12 +17,13 @@ SPLITS = ("train", "valid", "test")
 LANGS = ("src", "tgt")
 
 
-def train_spm(text_dir, prefix, vocab=60):
-    """A joint sentencepiece model of the synthetic corpus (a second or two)."""
+def train_spm(text_dir, prefix, vocab=60, langs=LANGS):
+    """A joint sentencepiece model of the synthetic corpus (a second or two):
+    the train text of every language of ``langs``."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
-        input=",".join(os.path.join(text_dir, f"train.{x}") for x in LANGS),
+        input=",".join(os.path.join(text_dir, f"train.{x}") for x in langs),
         model_prefix=prefix,
         vocab_size=vocab,
         model_type="unigram",

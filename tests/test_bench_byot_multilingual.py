@@ -6,7 +6,7 @@ import re
 import corpus
 import pytest
 import torch
-from test_bench_byot import encode
+from test_bench_byot import encode, train_spm
 from test_bench_multilingual import contains, fake_multi_parallel, flag
 from test_bench_plan import check_well_formed, plan_for
 
@@ -23,22 +23,6 @@ TASK = ["--lang-pairs", PAIRS, "--langs", "cs,de,en"]
 TASK += ["--encoder-langtok", "src", "--decoder-langtok"]
 
 
-def train_spm(text_dir, prefix, vocab=60):
-    """One sentencepiece model of every language's train text."""
-    import sentencepiece as spm
-
-    spm.SentencePieceTrainer.train(
-        input=",".join(os.path.join(text_dir, f"train.{x}") for x in LANGS),
-        model_prefix=prefix,
-        vocab_size=vocab,
-        model_type="unigram",
-        hard_vocab_limit=False,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return prefix + ".model"
-
-
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory):
     """Raw multi-parallel text with Multi30k's names (cs, de, en)."""
@@ -52,7 +36,7 @@ def multi_teacher(raw, tmp_path_factory):
     import sentencepiece as spm
 
     root = tmp_path_factory.mktemp("multi_teacher")
-    model = train_spm(raw, str(root / "spm"))
+    model = train_spm(raw, str(root / "spm"), langs=LANGS)
     pieces = root / "pieces"
     pieces.mkdir()
     for stem, split in (("train", "train"), ("val", "valid")):
