@@ -608,17 +608,16 @@ def given_multilingual_binarize_steps(cfg, tmp):
     every language of the directions (the teacher stage checked that the
     languages of each side share one dictionary).
     """
-    p, j, out = cfg.paths, os.path.join, tmp(cfg.paths.bin)
+    out = tmp(cfg.paths.bin)
     return [
-        Command(
-            ["fairseq-preprocess", "--source-lang", src, "--target-lang", tgt]
-            + ["--trainpref", j(p.subword, "train")]
-            + ["--validpref", j(p.subword, "valid")]
-            + ["--testpref", j(p.subword, "test"), "--destdir", out]
-            + ["--srcdict", teacher_file(cfg, f"dict.{src}.txt")]
-            + ["--tgtdict", teacher_file(cfg, f"dict.{tgt}.txt")]
-            + ["--workers", cfg.preset.workers],
-            describe=f"binarize {src}-{tgt} with the teacher's dictionaries",
+        binarize_direction(
+            cfg,
+            out,
+            src,
+            tgt,
+            teacher_file(cfg, f"dict.{src}.txt"),
+            teacher_file(cfg, f"dict.{tgt}.txt"),
+            "the teacher's dictionaries",
         )
         for src, tgt in cfg.directions
     ]
@@ -660,17 +659,30 @@ def multilingual_binarize_steps(cfg, tmp):
     ]
     for src, tgt in cfg.directions:
         steps.append(
-            Command(
-                ["fairseq-preprocess", "--source-lang", src, "--target-lang", tgt]
-                + ["--trainpref", j(p.subword, "train")]
-                + ["--validpref", j(p.subword, "valid")]
-                + ["--testpref", j(p.subword, "test"), "--destdir", out]
-                + ["--srcdict", dictionary, "--tgtdict", dictionary]
-                + ["--workers", cfg.preset.workers],
-                describe=f"binarize {src}-{tgt} with the shared dictionary",
+            binarize_direction(
+                cfg, out, src, tgt, dictionary, dictionary, "the shared dictionary"
             )
         )
     return steps
+
+
+def binarize_direction(cfg, out, src, tgt, src_dict, tgt_dict, which):
+    """``fairseq-preprocess`` of one direction with given dictionaries into
+    ``out`` (the multilingual recipe's shared folder).
+
+    Args:
+        which: what the dictionaries are (for the step's description).
+    """
+    p, j = cfg.paths, os.path.join
+    return Command(
+        ["fairseq-preprocess", "--source-lang", src, "--target-lang", tgt]
+        + ["--trainpref", j(p.subword, "train")]
+        + ["--validpref", j(p.subword, "valid")]
+        + ["--testpref", j(p.subword, "test"), "--destdir", out]
+        + ["--srcdict", src_dict, "--tgtdict", tgt_dict]
+        + ["--workers", cfg.preset.workers],
+        describe=f"binarize {src}-{tgt} with {which}",
+    )
 
 
 def binarize_steps(cfg, tmp):
