@@ -303,14 +303,18 @@ def named_dictionaries(state):
 
     Args:
         state: the loaded checkpoint.
+
+    Returns:
+        ``{file name: side}``, side 0 for a source dictionary (or the fixed one
+        of every language), 1 for the target's.
     """
     task_cfg = _task_config(state)
-    names = []
-    for key in ("fixed_dictionary", "source_dict", "target_dict"):
+    names = {}
+    for key, side in (("fixed_dictionary", 0), ("source_dict", 0), ("target_dict", 1)):
         value = getattr(task_cfg, key, None)
         if value:
-            names.append(os.path.basename(value))
-    return list(dict.fromkeys(names))
+            names.setdefault(os.path.basename(value), side)
+    return names
 
 
 def multilingual_task(data, task_flags):
@@ -388,10 +392,11 @@ def check_multilingual_teacher(teacher, folder, task_flags, lang_pairs, out_json
 
     dicts = check_one_dictionary(teacher, lang_pairs)
     state = load_given(teacher)
-    for name in named_dictionaries(state):  # where the plugin looks for them
+    first = lang_pairs[0].split("-")  # fairseq's dictionaries are its languages'
+    for name, side in named_dictionaries(state).items():  # where the plugin looks
         dest = os.path.join(folder, name)
         if not os.path.exists(dest):
-            shutil.copyfile(teacher.dicts[lang_pairs[0].split("-")[0]], dest)
+            shutil.copyfile(teacher.dicts[first[side]], dest)
     task = multilingual_task(folder, task_flags)
     path = teacher.checkpoint
     try:

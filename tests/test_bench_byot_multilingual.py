@@ -10,8 +10,10 @@ from test_bench_byot import encode, train_spm
 from test_bench_multilingual import contains, fake_multi_parallel, flag
 from test_bench_plan import check_well_formed, plan_for
 
+from fairseq_kd.checkpoints import load_checkpoint
 from kd_bench import cli, files
 from kd_bench import plan as kdplan
+from kd_bench import teacher as kdteacher
 from kd_bench.stage_runner import Command, PyStep
 from kd_bench.stage_runner import tmp_path as partial
 from kd_bench.teacher import GIVEN_JSON, check_multilingual_teacher
@@ -238,6 +240,19 @@ def test_the_dictionary_a_teacher_names_is_installed_under_its_name(
     theirs = os.path.join(teacher["dict_dir"], "dict.de.txt")
     assert (folder / "model_dict.128k.txt").read_bytes() == open(theirs, "rb").read()
     assert (folder / GIVEN_JSON).is_file()
+
+
+def test_a_named_target_dictionary_is_the_target_languages(multi_teacher, tmp_path):
+    # --source-dict and --target-dict: each is installed from its own side's
+    # language (the first direction's), not both from the source's
+    path = edited(
+        multi_teacher["checkpoint"],
+        tmp_path / "t.pt",
+        source_dict="/far/src_dict.txt",
+        target_dict="/far/tgt_dict.txt",
+    )
+    state = load_checkpoint(path, trusted_fallback=False)  # as load_given does
+    assert kdteacher.named_dictionaries(state) == {"src_dict.txt": 0, "tgt_dict.txt": 1}
 
 
 def test_the_bilingual_recipe_sends_a_multilingual_teacher_to_lang_pairs(
