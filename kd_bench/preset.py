@@ -60,12 +60,16 @@ class Goals:
         min_speedup_fairseq: ...while translating this many times faster than
             the teacher's beam 5 in fairseq...
         min_speedup_ct2: ...and this many times faster in CTranslate2 int8.
+        max_last_gain: the protocol's stopping point: the best student on
+            valid has stopped rising when the preset's curve (of that row)
+            gains less than this valid BLEU over its last interval.
     """
 
     min_gain: float = 2.0
     min_teacher_share: float = 0.95
     min_speedup_fairseq: float = 4.0
     min_speedup_ct2: float = 3.0
+    max_last_gain: float = 0.5
 
 
 @dataclass

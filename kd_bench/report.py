@@ -159,7 +159,12 @@ def build_results(scores, meta):
             rows = build_rows(found["models"], meta["rows"])
             entry = {
                 "rows": rows,
-                "goals": check_goals(rows, meta.get("goal_settings")),
+                "goals": check_goals(
+                    rows,
+                    meta.get("goal_settings"),
+                    found.get("curve"),
+                    _get(meta, "settings", "curve"),
+                ),
                 "teacher_share": teacher_shares(rows),
             }
             if found.get("curve"):
@@ -168,7 +173,12 @@ def build_results(scores, meta):
         return results
     rows = build_rows(scores["models"], meta["rows"])
     results["rows"] = rows
-    results["goals"] = check_goals(rows, meta.get("goal_settings"))
+    results["goals"] = check_goals(
+        rows,
+        meta.get("goal_settings"),
+        scores.get("curve"),
+        _get(meta, "settings", "curve"),
+    )
     return results
 
 
@@ -278,7 +288,7 @@ def best_on_valid(rows, beam="beam5"):
     return max(rows, key=lambda r: _bleu(r, "valid", beam) or -1) if rows else None
 
 
-def check_goals(rows, goals=None):
+def check_goals(rows, goals=None, curve=None, curve_spec=None):
     """The preset's goals, each with a verdict and the figures behind it.
 
     The best students are chosen on the valid set, never on test.
@@ -287,7 +297,11 @@ def check_goals(rows, goals=None):
         rows: the results' rows.
         goals: the preset's :class:`~kd_bench.preset.Goals` as a dict
             (``min_gain``, ``min_teacher_share``, ``min_speedup_fairseq``,
-            ``min_speedup_ct2``; defaults for missing ones).
+            ``min_speedup_ct2``, ``max_last_gain``; defaults for missing
+            ones).
+        curve: the curve's valid scores, ``{"points": [{"updates", "bleu"}]}``
+            (the protocol's stopping point is checked on it; none without).
+        curve_spec: the preset's curve settings (``row``, ``every``, ``beam``).
 
     Returns:
         A list of ``{"goal", "met", "detail"}``.
@@ -341,7 +355,46 @@ def check_goals(rows, goals=None):
                 "CTranslate2 int8",
             }
         )
+    stopped = check_stopped(students, curve, curve_spec, g["max_last_gain"])
+    if stopped:
+        out.append(stopped)
     return out
+
+
+def check_stopped(students, curve, spec, max_gain):
+    """The protocol's stopping point: has the best student stopped rising?
+
+    The best student on valid (beam 5) must be the curve's row, and its valid
+    BLEU must gain less than ``max_gain`` over the curve's last interval.
+
+    Returns:
+        ``{"goal", "met", "detail"}``, or None without students or without a
+        curve of at least two points.
+    """
+    points = (curve or {}).get("points") or []
+    if not students or not spec or len(points) < 2:
+        return None
+    before, last = points[-2], points[-1]
+    best = best_on_valid(students)
+    goal = (
+        "P: the best student (chosen on valid) has stopped rising: its valid "
+        f"BLEU (beam {spec.get('beam', 5)}) gains < {max_gain:g} over the "
+        "curve's last interval"
+    )
+    if best["name"] != spec.get("row"):
+        return {
+            "goal": goal,
+            "met": False,
+            "detail": f"not measured: the curve is of {spec.get('row')}, the "
+            f"best student on valid is {best['name']}",
+        }
+    gain = last["bleu"] - before["bleu"]
+    return {
+        "goal": goal,
+        "met": gain < max_gain,
+        "detail": f"{best['name']}: {before['bleu']:.2f} at {before['updates']}, "
+        f"{last['bleu']:.2f} at {last['updates']} updates ({gain:+.2f})",
+    }
 
 
 def summary_text(results):

@@ -669,6 +669,36 @@ def test_results_table_goals_and_plot_from_hand_made_scores(tmp_path):
     assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_stopping_point_is_checked_on_the_best_rows_curve():
+    scores, meta = hand_made_scores(), hand_made_meta()
+
+    def stopped(curve_points, row="word-kd"):
+        scores["curve"] = {"points": curve_points}
+        meta["settings"]["curve"] = {"row": row, "every": 200, "beam": 5}
+        goals = report.build_results(scores, meta)["goals"]
+        found = [g for g in goals if g["goal"].startswith("P:")]
+        return found[0] if found else None
+
+    # word-kd is the best student on valid: its curve still gains 2.5 BLEU
+    rising = stopped([{"updates": 200, "bleu": 25.0}, {"updates": 400, "bleu": 27.5}])
+    assert not rising["met"] and "< 0.5" in rising["goal"]
+    assert rising["detail"] == ("word-kd: 25.00 at 200, 27.50 at 400 updates (+2.50)")
+    # a gain below the preset's threshold (and a fall) is a stop
+    level = [{"updates": 400, "bleu": 27.5}, {"updates": 600, "bleu": 27.8}]
+    assert stopped(level)["met"]
+    assert stopped([level[0], {"updates": 600, "bleu": 27.0}])["met"]
+    meta["goal_settings"]["max_last_gain"] = 0.2
+    assert not stopped(level)["met"]
+    # a curve of another row says nothing about the best one
+    other = stopped(level, row="seq-kd")
+    assert not other["met"]
+    assert other["detail"] == (
+        "not measured: the curve is of seq-kd, the best student on valid is word-kd"
+    )
+    # one point is no curve
+    assert stopped(level[:1]) is None
+
+
 def test_table_and_plot_from_a_hand_made_results_json(tmp_path):
     pytest.importorskip("matplotlib")
     results = report.build_results(hand_made_scores(), hand_made_meta())
