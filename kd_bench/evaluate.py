@@ -317,6 +317,21 @@ def score_curve(translations, ref_file, out_path):
     return points
 
 
+def read_curves(paths, pair=None):
+    """``{row: curve}`` of every ``curve:ROW`` stage that ran (one direction's).
+
+    Args:
+        paths: the recipe's :class:`~kd_bench.plan.Paths`.
+        pair: the direction of the multilingual recipe (None: bilingual).
+    """
+    names = sorted(os.listdir(paths.curve)) if os.path.isdir(paths.curve) else []
+    rows = [n for n in names if not n.endswith(".partial")]
+    found = {
+        row: os.path.join(paths.curve_dir(row, pair), "curve.json") for row in rows
+    }
+    return {row: read_json(f) for row, f in found.items() if os.path.exists(f)}
+
+
 def model_scores(paths, name, eval_sets, refs, pair=None):
     """BLEU/chrF and speeds of one model's translations (of one direction).
 
@@ -385,7 +400,7 @@ def compute_scores(
         out_path: where the JSON goes.
         lang_pairs: the directions of the multilingual recipe (``["de-en",
             ...]``): the scores then go under ``directions: {pair: {"models":
-            ..., "curve": ...}}``, one entry per model and direction, each
+            ..., "curves": ...}}``, one entry per model and direction, each
             with the model's parameters and training time.
     """
     scores = {"eval_sets": dict(eval_sets), **environment}
@@ -407,9 +422,9 @@ def compute_scores(
         scores["directions"] = {}
         for pair in lang_pairs:
             entry = {"models": direction(pair, pair.split("-")[1])}
-            curve = os.path.join(paths.curve_dir(pair), "curve.json")
-            if os.path.exists(curve):
-                entry["curve"] = read_json(curve)
+            curves = read_curves(paths, pair)
+            if curves:
+                entry["curves"] = curves
             scores["directions"][pair] = entry
     else:
         scores["models"] = direction(None, tgt)
@@ -418,8 +433,8 @@ def compute_scores(
     )
     if os.path.exists(paths.engines_json):
         scores["seqkd_engines"] = read_json(paths.engines_json)
-    curve = os.path.join(paths.curve, "curve.json")
-    if os.path.exists(curve):
-        scores["curve"] = read_json(curve)
+    curves = None if lang_pairs else read_curves(paths)
+    if curves:
+        scores["curves"] = curves
     scores["stage_seconds"] = stage_seconds(paths.stamps)
     write_json(out_path, scores)

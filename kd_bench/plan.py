@@ -155,9 +155,9 @@ class Paths:
         """A model's CTranslate2 model, translations and speeds (``pair``'s)."""
         return in_direction(self._w("ct2", name), pair)
 
-    def curve_dir(self, pair=None):
-        """The valid curve's translations and scores (of one direction)."""
-        return in_direction(self.curve, pair)
+    def curve_dir(self, row, pair=None):
+        """One row's valid curve: translations and scores (of one direction)."""
+        return in_direction(os.path.join(self.curve, row), pair)
 
 
 @dataclass
@@ -1079,9 +1079,9 @@ def word_kd_flags(cfg, row, stores):
 
 
 def curve_flags(cfg, row):
-    """Intermediate checkpoints of the curve row (none for other rows)."""
+    """Intermediate checkpoints of a curve row (none for other rows)."""
     curve = cfg.preset.curve
-    if curve is None or curve.row != row.name:
+    if curve is None or row.name not in curve.rows:
         return []
     return ["--save-interval-updates", curve.every, "--keep-interval-updates", -1]
 
@@ -1114,7 +1114,7 @@ def student_stages(cfg, train_data, stores):
 
 
 def curve_points(cfg, row):
-    """The updates at which the curve row is scored (its budget last)."""
+    """The updates at which a curve row is scored (its budget last)."""
     curve, updates = cfg.preset.curve, cfg.preset.student_settings(row).updates
     return sorted(set(range(curve.every, updates, curve.every)) | {updates})
 
@@ -1134,23 +1134,33 @@ def curve_checkpoint(model_dir, updates, final):
 
 
 def curve_stages(cfg):
-    """``curve:ROW``: valid BLEU of one row at its intermediate checkpoints
-    (in every direction of the multilingual recipe)."""
+    """``curve:ROW``: valid BLEU of each curve row at its intermediate
+    checkpoints (in every direction of the multilingual recipe)."""
     curve, p = cfg.preset.curve, cfg.paths
-    if curve is None or curve.row not in {r.name for r in cfg.rows}:
+    if curve is None:
         return []
-    model_dir = p.model_dir(curve.row)
-    points = curve_points(cfg, curve.row)
     refs = {tgt: os.path.join(p.text, f"valid.{tgt}") for _, tgt in cfg.directions}
+    return [
+        curve_stage(cfg, row, refs)
+        for row in curve.rows
+        if row in {r.name for r in cfg.rows}
+    ]
+
+
+def curve_stage(cfg, row, refs):
+    """The ``curve:ROW`` stage of one row (``refs``: target -> valid refs)."""
+    curve, p = cfg.preset.curve, cfg.paths
+    model_dir, points = p.model_dir(row), curve_points(cfg, row)
 
     def steps(tmp):
         steps = []
         for pair, direction in zip(cfg.pairs, cfg.directions):
-            out, ref = in_direction(tmp(p.curve), pair), refs[direction[1]]
+            out = in_direction(tmp(p.curve_dir(row)), pair)
+            ref = refs[direction[1]]
             steps.append(mkdir_step(out))
             for u in points:
                 ckpt = curve_checkpoint(model_dir, u, points[-1])
-                label = f"valid{f' {pair}' if pair else ''}, {u} updates"
+                label = f"{row}, valid{f' {pair}' if pair else ''}, {u} updates"
                 steps.append(
                     Command(
                         generate(cfg, ckpt, "valid", curve.beam, direction),
@@ -1173,16 +1183,14 @@ def curve_stages(cfg):
             )
         return steps
 
-    return [
-        Stage(
-            f"curve:{curve.row}",
-            outputs=[p.curve],
-            inputs=[p.bin, model_dir] + sorted(set(refs.values())),
-            params={"curve": asdict(curve), "points": points},
-            steps=steps,
-            group="translate",
-        )
-    ]
+    return Stage(
+        f"curve:{row}",
+        outputs=[p.curve_dir(row)],
+        inputs=[p.bin, model_dir] + sorted(set(refs.values())),
+        params={"every": curve.every, "beam": curve.beam, "points": points},
+        steps=steps,
+        group="translate",
+    )
 
 
 # -- evaluation ---------------------------------------------------------------
@@ -1446,8 +1454,10 @@ def build_plan(cfg):
     curve = curve_stages(cfg)
     extra = [cfg.paths.engines_json for s in seqkd if s.name == "seqkd:engines"]
     extra += [
-        os.path.join(cfg.paths.curve_dir(pair), "curve.json")
-        for _ in curve
+        os.path.join(
+            cfg.paths.curve_dir(stage.name.split(":", 1)[1], pair), "curve.json"
+        )
+        for stage in curve
         for pair in cfg.pairs
     ]
     stages += seqkd + topk + students + curve

@@ -74,17 +74,23 @@ class Goals:
 
 @dataclass
 class Curve:
-    """Valid BLEU at intermediate checkpoints of one row (to choose the budget).
+    """Valid BLEU at intermediate checkpoints of some rows (to choose the budget).
 
     Args:
-        row: the row whose training keeps a checkpoint every ``every`` updates.
+        rows: the rows whose training keeps a checkpoint every ``every``
+            updates (one name or several): the protocol's stopping point is
+            checked on the curve of the row best on valid, so the preset names
+            every row that can be best.
         every: updates between two checkpoints.
         beam: the beam the curve is decoded with.
     """
 
-    row: str
+    rows: Tuple[str, ...]
     every: int
     beam: int = 5
+
+    def __post_init__(self):
+        self.rows = (self.rows,) if isinstance(self.rows, str) else tuple(self.rows)
 
 
 @dataclass
@@ -119,7 +125,7 @@ class Preset:
         max_len_b: see ``max_len_a``.
         workers: ``fairseq-preprocess --workers``.
         goals: what the table must show.
-        curve: valid BLEU at intermediate checkpoints of one row (or None).
+        curve: valid BLEU at intermediate checkpoints of some rows (or None).
     """
 
     vocab: int
@@ -336,7 +342,7 @@ TINY = Preset(
     distill_beam=2,
     distill_nbest=2,
     gen_batch_size=64,
-    curve=Curve("word-kd", every=10),
+    curve=Curve(("baseline", "word-kd", "seq-inter+word-kd"), every=10),
 )
 
 #: The quickstart: teacher, a student without KD and two word-KD students (the

@@ -131,7 +131,7 @@ def build_results(scores, meta):
         its speed-up relative to the teacher, plus the goals' verdicts. For
         the multilingual recipe, the rows and goals of each direction under
         ``directions: {"de-en": {"rows", "goals", "teacher_share"[,
-        "curve"]}, ...}`` (:func:`direction_results` gives one direction as
+        "curves"]}, ...}`` (:func:`direction_results` gives one direction as
         a bilingual results dict).
     """
     # corpus, pair, preset, command, settings, goals' thresholds, reference...
@@ -143,7 +143,7 @@ def build_results(scores, meta):
         "eval_sets",
         "seqkd",
         "seqkd_engines",
-        "curve",
+        "curves",
         "stage_seconds",
     ):
         if key in scores:
@@ -162,13 +162,13 @@ def build_results(scores, meta):
                 "goals": check_goals(
                     rows,
                     meta.get("goal_settings"),
-                    found.get("curve"),
+                    found.get("curves"),
                     _get(meta, "settings", "curve"),
                 ),
                 "teacher_share": teacher_shares(rows),
             }
-            if found.get("curve"):
-                entry["curve"] = found["curve"]
+            if found.get("curves"):
+                entry["curves"] = found["curves"]
             results["directions"][pair] = entry
         return results
     rows = build_rows(scores["models"], meta["rows"])
@@ -176,7 +176,7 @@ def build_results(scores, meta):
     results["goals"] = check_goals(
         rows,
         meta.get("goal_settings"),
-        scores.get("curve"),
+        scores.get("curves"),
         _get(meta, "settings", "curve"),
     )
     return results
@@ -184,13 +184,29 @@ def build_results(scores, meta):
 
 def direction_results(results, pair):
     """One direction of multilingual results as a bilingual results dict
-    (its ``rows``, ``goals`` and ``curve``; ``pair`` is the direction)."""
+    (its ``rows``, ``goals`` and ``curves``; ``pair`` is the direction)."""
     found = results["directions"][pair]
-    view = {k: v for k, v in results.items() if k not in ("directions", "curve")}
+    drop = ("directions", "curve", "curves")
+    view = {k: v for k, v in results.items() if k not in drop}
     view.update(pair=pair, rows=found["rows"], goals=found["goals"])
-    if found.get("curve"):
-        view["curve"] = found["curve"]
+    curves = curves_of(found, results.get("settings"))
+    if curves:
+        view["curves"] = curves
     return view
+
+
+def curves_of(results, settings=None):
+    """``{row: {"points": [...]}}``, the valid curves of a results dict.
+
+    Results written before the curve covered several rows hold one
+    ``curve``, of the row named in ``settings["curve"]["row"]``.
+    """
+    if results.get("curves"):
+        return results["curves"]
+    spec = (settings or results.get("settings") or {}).get("curve") or {}
+    if results.get("curve") and spec.get("row"):
+        return {spec["row"]: results["curve"]}
+    return {}
 
 
 def ordered_pairs(results, directions):
@@ -288,7 +304,7 @@ def best_on_valid(rows, beam="beam5"):
     return max(rows, key=lambda r: _bleu(r, "valid", beam) or -1) if rows else None
 
 
-def check_goals(rows, goals=None, curve=None, curve_spec=None):
+def check_goals(rows, goals=None, curves=None, curve_spec=None):
     """The preset's goals, each with a verdict and the figures behind it.
 
     The best students are chosen on the valid set, never on test.
@@ -299,9 +315,10 @@ def check_goals(rows, goals=None, curve=None, curve_spec=None):
             (``min_gain``, ``min_teacher_share``, ``min_speedup_fairseq``,
             ``min_speedup_ct2``, ``max_last_gain``; defaults for missing
             ones).
-        curve: the curve's valid scores, ``{"points": [{"updates", "bleu"}]}``
-            (the protocol's stopping point is checked on it; none without).
-        curve_spec: the preset's curve settings (``row``, ``every``, ``beam``).
+        curves: ``{row: {"points": [{"updates", "bleu"}]}}``, the valid
+            curves (the protocol's stopping point is checked on the best
+            student's; not checked without curves).
+        curve_spec: the preset's curve settings (``rows``, ``every``, ``beam``).
 
     Returns:
         A list of ``{"goal", "met", "detail"}``.
@@ -355,39 +372,39 @@ def check_goals(rows, goals=None, curve=None, curve_spec=None):
                 "CTranslate2 int8",
             }
         )
-    stopped = check_stopped(students, curve, curve_spec, g["max_last_gain"])
+    stopped = check_stopped(students, curves, curve_spec, g["max_last_gain"])
     if stopped:
         out.append(stopped)
     return out
 
 
-def check_stopped(students, curve, spec, max_gain):
+def check_stopped(students, curves, spec, max_gain):
     """The protocol's stopping point: has the best student stopped rising?
 
-    The best student on valid (beam 5) must be the curve's row, and its valid
-    BLEU must gain less than ``max_gain`` over the curve's last interval.
+    The best student on valid (beam 5) must have a curve, and its valid BLEU
+    must gain less than ``max_gain`` over the curve's last interval.
 
     Returns:
-        ``{"goal", "met", "detail"}``, or None without students or without a
-        curve of at least two points.
+        ``{"goal", "met", "detail"}``, or None without students or curves.
     """
-    points = (curve or {}).get("points") or []
-    if not students or not spec or len(points) < 2:
+    if not students or not spec or not curves:
         return None
-    before, last = points[-2], points[-1]
     best = best_on_valid(students)
     goal = (
         "P: the best student (chosen on valid) has stopped rising: its valid "
         f"BLEU (beam {spec.get('beam', 5)}) gains < {max_gain:g} over the "
-        "curve's last interval"
+        "last interval of its curve"
     )
-    if best["name"] != spec.get("row"):
-        return {
-            "goal": goal,
-            "met": False,
-            "detail": f"not measured: the curve is of {spec.get('row')}, the "
-            f"best student on valid is {best['name']}",
-        }
+    points = (curves.get(best["name"]) or {}).get("points") or []
+    if len(points) < 2:
+        why = (
+            f"the curve of {best['name']} has {len(points)} point(s)"
+            if best["name"] in curves
+            else f"the best student on valid is {best['name']}, the curves are "
+            f"of {', '.join(curves)}"
+        )
+        return {"goal": goal, "met": False, "detail": f"not measured: {why}"}
+    before, last = points[-2], points[-1]
     gain = last["bleu"] - before["bleu"]
     return {
         "goal": goal,
@@ -723,7 +740,9 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
         f"{settings.get('topk', '?')} (offline store and live alike)",
     ]
     for pair, view in views:
-        out += curve_section(view.get("curve"), settings.get("curve"), pair)
+        out += curve_section(
+            curves_of(view, settings), settings.get("curve"), pair, view["rows"]
+        )
     out += seqkd_section(results.get("seqkd"))
     out += engines_section(results.get("seqkd_engines"))
     out += stages_section(results.get("stage_seconds"))
@@ -732,33 +751,45 @@ def render_markdown(results, reading=None, plot_name=OUTPUT_FILES["plot"]):
     return "\n".join(out) + "\n"
 
 
-def curve_section(curve, spec, pair=None):
+def curve_section(curves, spec, pair=None, rows=()):
     """Markdown lines on valid BLEU at intermediate checkpoints (empty without).
 
     Args:
-        curve: ``{"points": [{"updates", "bleu", "chrf"}]}``.
-        spec: the preset's curve settings (``row``, ``every``, ``beam``).
+        curves: ``{row: {"points": [{"updates", "bleu", "chrf"}]}}``.
+        spec: the preset's curve settings (``rows``, ``every``, ``beam``).
         pair: the direction (multilingual recipe), named in the title.
+        rows: the results' rows (their labels head the columns, in table order).
     """
-    if not curve or not curve.get("points"):
+    curves = {row: c for row, c in (curves or {}).items() if c.get("points")}
+    if not curves:
         return []
     spec = spec or {}
+    labels = {r["name"]: r.get("label", r["name"]) for r in rows}
+    order = [r["name"] for r in rows if r["name"] in curves]
+    order += [row for row in curves if row not in order]
+    stages = ", ".join(f"`curve:{row}`" for row in order)
     out = [
         "",
         "## Valid BLEU by training updates" + (f", {pair}" if pair else ""),
         "",
-        f"Row `{spec.get('row', '?')}`, a checkpoint every "
-        f"{spec.get('every', '?')} updates, decoded with beam "
-        f"{spec.get('beam', '?')} on valid (stage `curve:{spec.get('row', '?')}`): "
-        "the update budget is chosen on this curve, never on test.",
+        f"A checkpoint every {spec.get('every', '?')} updates, decoded with beam "
+        f"{spec.get('beam', '?')} on valid (stages {stages}); BLEU / chrF: the "
+        "update budget is chosen on these curves, never on test.",
         "",
-        "| updates | BLEU valid | chrF valid |",
-        "| --- | --- | --- |",
+        "| updates | " + " | ".join(labels.get(row, row) for row in order) + " |",
+        "| --- |" + " --- |" * len(order),
     ]
-    for point in curve["points"]:
-        out.append(
-            f"| {point['updates']} | {point['bleu']:.2f} | {point['chrf']:.1f} |"
-        )
+    by_row = {row: {p["updates"]: p for p in curves[row]["points"]} for row in order}
+    for u in sorted({u for points in by_row.values() for u in points}):
+        cells = [
+            (
+                f"{by_row[row][u]['bleu']:.2f} / {by_row[row][u]['chrf']:.1f}"
+                if u in by_row[row]
+                else "–"
+            )
+            for row in order
+        ]
+        out.append(f"| {u} | " + " | ".join(cells) + " |")
     return out
 
 

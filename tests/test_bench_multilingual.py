@@ -229,9 +229,9 @@ def direction_scores():
         for split in entry["scores"].values():
             for beam in split.values():
                 beam["bleu"] -= 10.0
-    scores = {k: v for k, v in de.items() if k not in ("models", "curve")}
+    scores = {k: v for k, v in de.items() if k not in ("models", "curves")}
     scores["directions"] = {
-        "de-en": {"models": de["models"], "curve": de["curve"]},
+        "de-en": {"models": de["models"], "curves": de["curves"]},
         "cs-en": {"models": cs},
     }
     return scores
@@ -257,13 +257,15 @@ def test_the_report_has_one_table_per_direction(tmp_path):
         found = results["directions"][pair]
         teacher = found["rows"][0]
         assert teacher["scores"]["test"]["beam5"]["bleu"] == 35.0 - drop
-        assert [g["goal"][:2] for g in found["goals"]] == ["G1", "G2", "G3"]
+        # the stopping point (P) is checked where there is a curve: de-en
+        goals = ["G1", "G2", "G3"] + (["P:"] if pair == "de-en" else [])
+        assert [g["goal"][:2] for g in found["goals"]] == goals
         # word-kd greedy 32 (22) against the teacher's beam 5 35 (25)
         share = round((32.0 - drop) / (35.0 - drop), 3)
         assert found["teacher_share"]["word-kd"]["beam1"] == share
         assert found["rows"][2]["vs_teacher_beam5"]["bleu_share"] == share
-    assert "curve" in results["directions"]["de-en"]
-    assert "curve" not in results["directions"]["cs-en"]
+    assert "curves" in results["directions"]["de-en"]
+    assert "curves" not in results["directions"]["cs-en"]
     md = open(paths["markdown"]).read()
     assert md.startswith("# Multi30k de-en, cs-en: multilingual knowledge")
     de_en, cs_en = md.index("\n## de-en\n"), md.index("\n## cs-en\n")
@@ -363,8 +365,25 @@ def test_tiny_multilingual_run_on_a_slice_of_multi30k(tmp_path, monkeypatch):
     text = open(log, encoding="utf-8").read()
     assert "translation_multi_simple_epoch_kd" in text
     assert re.search(r"\bkd_loss=\d", text)
+    # a curve per curve row and direction, and the stopping point checked on
+    # the best student's
+    for pair in ("de-en", "cs-en"):
+        direction = results["directions"][pair]
+        curves = direction["curves"]
+        assert sorted(curves) == ["baseline", "seq-inter+word-kd"]
+        for curve in curves.values():
+            assert [p["updates"] for p in curve["points"]] == [10, 20]
+        final = {
+            r["name"]: r["scores"]["valid"]["beam5"]["bleu"] for r in direction["rows"]
+        }
+        for row, curve in curves.items():  # the last point is the final model
+            assert curve["points"][-1]["bleu"] == pytest.approx(final[row], abs=0.01)
+        (stopped,) = [g for g in direction["goals"] if g["goal"].startswith("P:")]
+        best = max(curves, key=lambda row: final[row])
+        assert stopped["detail"].startswith(f"{best}: ")
     md = open(os.path.join(plan.results, "RESULTS.md")).read()
     assert 0 < md.index("\n## de-en\n") < md.index("\n## cs-en\n")  # as given
+    assert "| updates | student on references (baseline) | Seq-Inter" in md
 
 
 def test_the_seqkd_corpora_are_reported_per_direction(tmp_path):

@@ -378,8 +378,9 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path, capsys):
     assert "--teacher-path $WORK/models/teacher/checkpoint_last.pt" in text
     assert "--kd-selection global --kd-selection-ratio 0.5" in text
     assert "--kd-divergence js" in text
-    curve = kdplan.curve_points(plan.config, plan.config.preset.curve.row)
-    assert len(curve) >= 2  # valid BLEU at intermediate checkpoints of one row
+    curve_rows = [r for r in plan.config.preset.curve.rows if r in every_row.split(",")]
+    curve = [u for r in curve_rows for u in kdplan.curve_points(plan.config, r)]
+    assert curve_rows and len(curve) >= 2 * len(curve_rows)  # intermediate points
     assert text.count("fairseq-generate ") == 4 * (1 + len(ROWS)) + len(curve)
     # every row, the teacher included, decoded greedy and beam 5 with the
     # output bounded relative to the source
@@ -582,11 +583,13 @@ def hand_made_scores():
             "identical_lines": {"fairseq": 50, "ctranslate2": 49},
         },
         "stage_seconds": [["binarize", 20.0], ["teacher", 2400.0], ["student:a", 95.0]],
-        "curve": {
-            "points": [
-                {"updates": 200, "bleu": 25.0, "chrf": 50.0},
-                {"updates": 400, "bleu": 27.5, "chrf": 52.5},
-            ]
+        "curves": {
+            "word-kd": {
+                "points": [
+                    {"updates": 200, "bleu": 25.0, "chrf": 50.0},
+                    {"updates": 400, "bleu": 27.5, "chrf": 52.5},
+                ]
+            }
         },
     }
 
@@ -607,7 +610,7 @@ def hand_made_meta():
         "settings": {
             "gen_batch_size": 128,
             "student_arch": "--encoder-layers 3",
-            "curve": {"row": "word-kd", "every": 200, "beam": 5},
+            "curve": {"rows": ["word-kd"], "every": 200, "beam": 5},
         },
         "goal_settings": {"min_gain": 4.0, "min_teacher_share": 0.95},
         "reference": "Kim & Rush (2016).",
@@ -661,7 +664,8 @@ def test_results_table_goals_and_plot_from_hand_made_scores(tmp_path):
     md = open(paths["markdown"]).read()
     assert "| word-KD | 2.1M | 10 min (450) | 32.00 / 33.50 |" in md
     assert "| 91% / 6.25×, 7.50× |" in md
-    assert "| 200 | 25.00 | 50.0 |\n| 400 | 27.50 | 52.5 |" in md  # the curve
+    assert "| updates | word-KD |\n| --- | --- |\n" in md  # the curve
+    assert "| 200 | 25.00 / 50.0 |\n| 400 | 27.50 / 52.5 |" in md
     assert "3.12× / 3.12×" in md and "3000 / 1500" in md
     assert "nrefs:1|case:mixed" in md and "bash examples/multi30k/run.sh" in md
     assert "![BLEU against sentences per second](bleu_vs_speed.png)" in md
@@ -673,15 +677,15 @@ def test_the_stopping_point_is_checked_on_the_best_rows_curve():
     scores, meta = hand_made_scores(), hand_made_meta()
 
     def stopped(curve_points, row="word-kd"):
-        scores["curve"] = {"points": curve_points}
-        meta["settings"]["curve"] = {"row": row, "every": 200, "beam": 5}
+        scores["curves"] = {row: {"points": curve_points}}
+        meta["settings"]["curve"] = {"rows": [row], "every": 200, "beam": 5}
         goals = report.build_results(scores, meta)["goals"]
         found = [g for g in goals if g["goal"].startswith("P:")]
         return found[0] if found else None
 
     # word-kd is the best student on valid: its curve still gains 2.5 BLEU
     rising = stopped([{"updates": 200, "bleu": 25.0}, {"updates": 400, "bleu": 27.5}])
-    assert not rising["met"] and "< 0.5" in rising["goal"]
+    assert not rising["met"] and "gains < 0.5" in rising["goal"]
     assert rising["detail"] == ("word-kd: 25.00 at 200, 27.50 at 400 updates (+2.50)")
     # a gain below the preset's threshold (and a fall) is a stop
     level = [{"updates": 400, "bleu": 27.5}, {"updates": 600, "bleu": 27.8}]
@@ -693,10 +697,36 @@ def test_the_stopping_point_is_checked_on_the_best_rows_curve():
     other = stopped(level, row="seq-kd")
     assert not other["met"]
     assert other["detail"] == (
-        "not measured: the curve is of seq-kd, the best student on valid is word-kd"
+        "not measured: the best student on valid is word-kd, the curves are of seq-kd"
     )
     # one point is no curve
-    assert stopped(level[:1]) is None
+    one = stopped(level[:1])
+    assert not one["met"]
+    assert one["detail"] == "not measured: the curve of word-kd has 1 point(s)"
+    # curves written before they covered several rows: one, of settings' row
+    old = {"curve": {"points": level}, "settings": {"curve": {"row": "word-kd"}}}
+    assert report.curves_of(old) == {"word-kd": {"points": level}}
+    assert report.curves_of({"curve": {"points": level}}) == {}
+
+
+def test_the_curves_of_several_rows_share_one_table():
+    rows = [{"name": "baseline", "label": "baseline"}, {"name": "kd", "label": "KD"}]
+    curves = {
+        "kd": {
+            "points": [
+                {"updates": u, "bleu": u / 10, "chrf": u / 5} for u in (200, 400)
+            ]
+        },
+        "baseline": {"points": [{"updates": 400, "bleu": 30.0, "chrf": 55.0}]},
+    }
+    spec = {"rows": ["kd", "baseline"], "every": 200, "beam": 5}
+    lines = report.curve_section(curves, spec, None, rows)
+    start = lines.index("| updates | baseline | KD |")  # in the table's order
+    assert lines[start + 2 :] == [
+        "| 200 | – | 20.00 / 40.0 |",
+        "| 400 | 30.00 / 55.0 | 40.00 / 80.0 |",
+    ]
+    assert "stages `curve:baseline`, `curve:kd`" in "\n".join(lines)
 
 
 def test_table_and_plot_from_a_hand_made_results_json(tmp_path):
@@ -907,7 +937,7 @@ def test_engine_comparison_stage_runs_both_engines_with_the_same_search(tmp_path
     engines = [r[r.index("--engine") + 1] for r in runs]
     assert engines == ["fairseq", "ctranslate2"]
     head = [s for s in stage.steps(partial) if isinstance(s, PyStep)]
-    assert "first 2000 lines" in head[1].describe
+    assert f"first {plan.config.preset.distill_compare} lines" in head[1].describe
     assert plan.stages[-2].name == "score"
     assert os.path.join(stage.outputs[0], "engines.json") in plan.stages[-2].inputs
 
