@@ -317,15 +317,14 @@ def score_curve(translations, ref_file, out_path):
     return points
 
 
-def read_curves(paths, pair=None):
-    """``{row: curve}`` of every ``curve:ROW`` stage that ran (one direction's).
+def read_curves(paths, rows, pair=None):
+    """``{row: curve}`` of the ``curve:ROW`` stages of ``rows`` (one direction's).
 
     Args:
         paths: the recipe's :class:`~kd_bench.plan.Paths`.
+        rows: the run's curve rows.
         pair: the direction of the multilingual recipe (None: bilingual).
     """
-    names = sorted(os.listdir(paths.curve)) if os.path.isdir(paths.curve) else []
-    rows = [n for n in names if not n.endswith(".partial")]
     found = {
         row: os.path.join(paths.curve_dir(row, pair), "curve.json") for row in rows
     }
@@ -387,7 +386,14 @@ def model_facts(ckpt):
 
 
 def compute_scores(
-    paths, models, eval_sets, tgt, environment, out_path, lang_pairs=None
+    paths,
+    models,
+    eval_sets,
+    tgt,
+    environment,
+    out_path,
+    lang_pairs=None,
+    curve_rows=(),
 ):
     """Score every translation; gather parameters and training times.
 
@@ -402,6 +408,7 @@ def compute_scores(
             ...]``): the scores then go under ``directions: {pair: {"models":
             ..., "curves": ...}}``, one entry per model and direction, each
             with the model's parameters and training time.
+        curve_rows: the rows whose ``curve:ROW`` scores go under ``curves``.
     """
     scores = {"eval_sets": dict(eval_sets), **environment}
     facts = {name: model_facts(ckpt) for name, ckpt in models.items()}
@@ -422,7 +429,7 @@ def compute_scores(
         scores["directions"] = {}
         for pair in lang_pairs:
             entry = {"models": direction(pair, pair.split("-")[1])}
-            curves = read_curves(paths, pair)
+            curves = read_curves(paths, curve_rows, pair)
             if curves:
                 entry["curves"] = curves
             scores["directions"][pair] = entry
@@ -433,7 +440,7 @@ def compute_scores(
     )
     if os.path.exists(paths.engines_json):
         scores["seqkd_engines"] = read_json(paths.engines_json)
-    curves = None if lang_pairs else read_curves(paths)
+    curves = None if lang_pairs else read_curves(paths, curve_rows)
     if curves:
         scores["curves"] = curves
     scores["stage_seconds"] = stage_seconds(paths.stamps)

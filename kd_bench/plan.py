@@ -1133,18 +1133,20 @@ def curve_checkpoint(model_dir, updates, final):
     return found[0] if found else os.path.join(model_dir, f"checkpoint_*_{updates}.pt")
 
 
+def curve_rows(cfg):
+    """The preset's curve rows that this run trains (in the preset's order)."""
+    if cfg.preset.curve is None:
+        return []
+    trained = {r.name for r in cfg.rows}
+    return [row for row in cfg.preset.curve.rows if row in trained]
+
+
 def curve_stages(cfg):
     """``curve:ROW``: valid BLEU of each curve row at its intermediate
     checkpoints (in every direction of the multilingual recipe)."""
-    curve, p = cfg.preset.curve, cfg.paths
-    if curve is None:
-        return []
+    p = cfg.paths
     refs = {tgt: os.path.join(p.text, f"valid.{tgt}") for _, tgt in cfg.directions}
-    return [
-        curve_stage(cfg, row, refs)
-        for row in curve.rows
-        if row in {r.name for r in cfg.rows}
-    ]
+    return [curve_stage(cfg, row, refs) for row in curve_rows(cfg)]
 
 
 def curve_stage(cfg, row, refs):
@@ -1411,6 +1413,7 @@ def report_stages(cfg, models, extra_inputs=()):
                         report.environment(),
                         tmp(p.scores),
                         lang_pairs=cfg.lang_pairs,
+                        curve_rows=curve_rows(cfg),
                     ),
                 )
             ],
@@ -1454,10 +1457,8 @@ def build_plan(cfg):
     curve = curve_stages(cfg)
     extra = [cfg.paths.engines_json for s in seqkd if s.name == "seqkd:engines"]
     extra += [
-        os.path.join(
-            cfg.paths.curve_dir(stage.name.split(":", 1)[1], pair), "curve.json"
-        )
-        for stage in curve
+        os.path.join(cfg.paths.curve_dir(row, pair), "curve.json")
+        for row in curve_rows(cfg)
         for pair in cfg.pairs
     ]
     stages += seqkd + topk + students + curve

@@ -255,8 +255,8 @@ CPU = Preset(
     # one student architecture for every row: deep-ish encoder, one decoder
     # layer (decoding speed is dominated by the decoder)
     student_arch=transformer_arch(3, 1, 128, 512, 4),
-    # Chosen on val (examples/multi30k/README.md, "How long the students
-    # train"): Seq-Inter + word-KD, trained for 1,800 updates from the
+    # Chosen on val (examples/multi30k/README.md, "The pilot behind the cpu
+    # preset's budgets"): Seq-Inter + word-KD, trained for 1,800 updates from the
     # 1,200-update teacher, rose 32.75 -> 34.24 -> 34.60 val BLEU (beam 5) at
     # 800 / 1,000 / 1,200 updates with lr 3e-3, and 31.49 -> 33.35 -> 33.49
     # with 1.5e-3; 3e-3 was ahead at every checkpoint. 1,200 is the first
