@@ -264,11 +264,13 @@ CPU = Preset(
     # goals are read on train for 1,200 and each has a curve; the KD
     # variants that the table compares among themselves (word-KD offline and
     # live, selective KD, Jensen-Shannon) train for 200 in a side table.
-    # An estimate, not yet a measured run, from the committed runs' stage
-    # times and the pilot's (a student update 0.65-0.75 s, a teacher update
-    # 1.95 s on 2 cores): teacher 33 min, goal rows 3 x 14-15 min, their
-    # curves 5 min, side rows 18 min, the other stages 20 min: 1 h 57 min to
-    # 2 h 01 min, no margin.
+    # Measured (examples/multi30k/RESULTS.md, 2026-12-02, 2-core Intel Xeon,
+    # idle): 2 h 01 min 17 s, 77 s over. Teacher 35m28s (2.1 s an update),
+    # seq-KD 5m26s, top-k stores 2m47s, goal rows 13m10s-15m35s each, side
+    # rows 2m42s-4m58s each, curves 1m31s-1m36s each, fairseq-generate
+    # 54-76 s and CTranslate2 9-21 s per model. The student on references
+    # (35.47 test, beam 5) beat this 1,000-update teacher (32.77) and the KD
+    # rows: the budget must go to the teacher first (to be re-chosen on val).
     student_train=TrainSettings(1200, "3e-3", 150, 4096, 0.1),
     row_updates={
         "word-kd": 200,
