@@ -251,7 +251,7 @@ CPU = Preset(
     # and every KD row. Chosen on val by the teacher pilot of 2026-12-08
     # (examples/multi30k/README.md, "The teacher pilot"): at lr 1e-3 the
     # teacher scored 33.41 / 36.89 / 36.69 / 38.75 val BLEU at 1,000 / 1,200
-    # / 1,400 / 1,600 updates; at lr 2e-3 it scored 34.56 at 900 (a cut-short
+    # / 1,400 / 1,600 updates; at lr 2e-3 it scored 34.75 at 900 (a cut-short
     # run). From the 1,600-update teacher, at 1,200 student updates (lr 3e-3),
     # word-KD scored 36.49 val, Seq-Inter + word-KD 36.40 (36.47 at 1,000)
     # and the student on references 35.31.
